@@ -1,0 +1,3 @@
+from ectune.cli import main
+
+raise SystemExit(main())
