@@ -1,0 +1,210 @@
+"""Checkpoints that never execute code.
+
+- A **model folder** holds ``model.safetensors`` (the weights) and ``config.json`` (schema version,
+  network name and constructor arguments, preconditioning, method, data shape): everything needed to
+  rebuild and sample the denoiser. ``load_model(folder)`` is one call.
+- A **training state** (``training-state-<nimg>.pt``) is a dict of tensors and plain Python values
+  saved with ``torch.save`` and loaded with ``weights_only=True``: network, EMAs, optimizer, images
+  seen. Every write goes to a temporary file, is fsynced, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ectune.errors import CheckpointError
+from ectune.networks import build_network
+from ectune.precond import Denoiser
+
+MODEL_FORMAT = "ectune-model"
+MODEL_SCHEMA_VERSION = 1
+STATE_PATTERN = re.compile(r"^training-state-(\d{12})\.pt$")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write a file through ``write(tmp_path)`` into a temporary file beside ``path``, fsync it, and
+    rename it over ``path``: readers see the old file or the complete new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model folder's config.json says about its network."""
+
+    network: str
+    kwargs: dict
+    sigma_data: float
+    scalings: str
+    sigma_min: float
+    method: str
+    data_shape: tuple
+    label_dim: int
+    mid_sigma: float
+    extra: dict
+
+    def to_json(self) -> dict:
+        return {
+            "format": MODEL_FORMAT, "schema_version": MODEL_SCHEMA_VERSION,
+            "network": {"name": self.network, "kwargs": self.kwargs},
+            "precond": {"sigma_data": self.sigma_data, "scalings": self.scalings, "sigma_min": self.sigma_min},
+            "method": self.method, "data_shape": list(self.data_shape), "label_dim": self.label_dim,
+            "mid_sigma": self.mid_sigma, **self.extra,
+        }
+
+
+def _read_model_info(folder: Path) -> ModelInfo:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder} is not an ectune model folder (no config.json): pass the folder written by "
+                              f"`ectune pretrain`/`tune` (its model/ subfolder) or convert the checkpoint with `ectune convert`")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}): the model folder is damaged") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{cfg_path} is not an ectune model config (format != {MODEL_FORMAT!r})")
+    if cfg.get("schema_version") != MODEL_SCHEMA_VERSION:
+        raise CheckpointError(f"{cfg_path} has schema_version {cfg.get('schema_version')}, this ectune reads "
+                              f"{MODEL_SCHEMA_VERSION}: upgrade ectune")
+    try:
+        known = {"format", "schema_version", "network", "precond", "method", "data_shape", "label_dim", "mid_sigma"}
+        return ModelInfo(
+            network=cfg["network"]["name"], kwargs=dict(cfg["network"]["kwargs"]),
+            sigma_data=float(cfg["precond"]["sigma_data"]), scalings=str(cfg["precond"]["scalings"]),
+            sigma_min=float(cfg["precond"]["sigma_min"]), method=str(cfg["method"]),
+            data_shape=tuple(int(s) for s in cfg["data_shape"]), label_dim=int(cfg["label_dim"]),
+            mid_sigma=float(cfg.get("mid_sigma", 0.821)), extra={k: v for k, v in cfg.items() if k not in known})
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path} is missing or has a bad field ({e}): the model folder is damaged") from None
+
+
+def resolve_model_folder(path: str | os.PathLike) -> Path:
+    """Accept a model folder or a run folder (whose model/ subfolder is used)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist: pass a model folder (with config.json and model.safetensors)")
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
+        return p / "model"
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cfg = {}
+        if isinstance(cfg, dict) and cfg.get("format") != MODEL_FORMAT and (p / "model" / "config.json").is_file():
+            return p / "model"
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is a file, not a model folder: pass the folder holding config.json and "
+                              f"model.safetensors (convert foreign checkpoints with `ectune convert`)")
+    return p
+
+
+def save_model(folder: str | os.PathLike, net: nn.Module, info: ModelInfo) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (weights first, so a config never points at missing weights)."""
+    folder = Path(folder)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_text_atomic(folder / "config.json", json.dumps(info.to_json(), indent=2))
+
+
+def build_from_info(info: ModelInfo, *, dropout: float | None = None) -> nn.Module:
+    kwargs = dict(info.kwargs)
+    if dropout is not None:
+        kwargs["dropout"] = dropout
+    return build_network(info.network, **kwargs)
+
+
+def load_model(path: str | os.PathLike, *, dropout: float | None = None,
+               device: torch.device | str = "cpu") -> tuple[Denoiser, ModelInfo]:
+    """Rebuild a denoiser from a model folder (or run folder). ``dropout`` overrides the stored value."""
+    folder = resolve_model_folder(path)
+    info = _read_model_info(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has no model.safetensors: the model folder is incomplete")
+    net = build_from_info(info, dropout=dropout)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}): the model folder is damaged") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{weights} does not match the network in config.json "
+                              f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    denoiser = Denoiser(net, sigma_data=info.sigma_data, scalings=info.scalings, sigma_min=info.sigma_min)
+    return denoiser.to(device).eval(), info
+
+
+# ---------------------------------------------------------------------------------------------
+# Training states.
+
+
+def state_path(run_dir: str | os.PathLike, nimg: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"training-state-{nimg:012d}.pt"
+
+
+def list_states(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete training states in a run folder, oldest first (temporary files are ignored)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.iterdir():
+        m = STATE_PATTERN.match(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def save_state(run_dir: str | os.PathLike, nimg: int, state: dict[str, Any], keep: int) -> Path:
+    path = state_path(run_dir, nimg)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    if keep > 0:
+        for _, old in list_states(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is not a usable state
+        raise CheckpointError(f"{path} is not a readable training state ({type(e).__name__}): delete it to resume "
+                              f"from the previous one") from None

@@ -1,0 +1,155 @@
+"""The ``ectune`` command line: pretrain, tune, train-ict, sample.
+
+Every config option is a flag named by its dotted key (``--ect.q 4``, ``--optim.lr 2e-4``,
+``--network.kwargs.model_channels 32``); ``--config FILE`` reads a JSON config first; ``--dry-run``
+prints the resolved config and exits. Bad input prints one line ``error: ...`` and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ectune import __version__
+from ectune import config as C
+from ectune.errors import UserError
+
+TRAIN_COMMANDS = {"pretrain": "edm", "tune": "ect", "train-ict": "ict"}
+TRAIN_HELP = {
+    "pretrain": "pretrain a diffusion model with the EDM loss",
+    "tune": "turn a pretrained diffusion model into a consistency model with ECT",
+    "train-ict": "train a consistency model from scratch with iCT",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key, tp, help_, default in C.iter_options(cls):
+        if key in skip:
+            continue
+        section = key.split(".")[0] if "." in key else "run"
+        group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
+        flags = [f"--{key}"]
+        if "_" in key and "." not in key:
+            flags.append(f"--{key.replace('_', '-')}")
+        default_s = json.dumps(list(default) if isinstance(default, tuple) else default)
+        group.add_argument(*flags, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_type_name(tp).upper()[:5],
+                           help=f"{help_} (default {default_s})".replace("%", "%%"))
+
+
+def _collect_overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    # --network.kwargs.NAME VALUE: free-form backbone arguments not known to the parser
+    it = iter(extra)
+    for token in it:
+        if token.startswith("--network.kwargs."):
+            key, _, value = token[2:].partition("=")
+            if not value:
+                value = next(it, None)
+                if value is None:
+                    raise UserError(f"{token} needs a value")
+            overrides[key] = value
+        else:
+            raise UserError(f"unknown option {token}: see `ectune {args.command} --help`")
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ectune", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ectune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, method in TRAIN_COMMANDS.items():
+        p = sub.add_parser(name, help=TRAIN_HELP[name], description=TRAIN_HELP[name], formatter_class=_HelpFormatter)
+        p.add_argument("--preset", default="mnist", help=f"named preset: {', '.join(C.PRESETS)}")
+        p.add_argument("--config", help="JSON config file applied on top of the preset")
+        p.add_argument("--resume", metavar="RUN_DIR", help="resume the run in RUN_DIR from its latest training state")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        _add_config_flags(p, C.TrainConfig, skip={"method", "preset"})
+        p.set_defaults(method=method, handler=_cmd_train)
+    p = sub.add_parser("sample", help="generate images from a model folder", formatter_class=_HelpFormatter)
+    p.add_argument("model", help="model folder (or run folder)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_config_flags(p, C.SampleConfig, skip={"model"})
+    p.set_defaults(handler=_cmd_sample)
+    return parser
+
+
+def resolve_train_config(args: argparse.Namespace, overrides: dict[str, Any]) -> C.TrainConfig:
+    cfg = C.preset(args.preset, args.method)
+    if args.config:
+        path = Path(args.config)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"config file {path} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold a JSON object")
+        data.pop("method", None)
+        cfg = C.from_dict(C.TrainConfig, data, base=cfg)
+    cfg = C.apply_overrides(cfg, overrides)
+    C.validate(cfg)
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from ectune.training import train
+
+    if args.resume:
+        if overrides or args.config:
+            raise UserError("--resume continues a run with its saved config: drop the other options")
+        if args.dry_run:
+            print((Path(args.resume) / "config.json").read_text(encoding="utf-8"))
+            return 0
+        result = train(C.TrainConfig(), resume=args.resume, progress=not args.no_progress)
+    else:
+        cfg = resolve_train_config(args, overrides)
+        if args.dry_run:
+            print(C.to_json(cfg))
+            return 0
+        result = train(cfg, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {result.run_dir}\nmodel: {result.model_dir}\nimages seen: {result.nimg}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from ectune.sample_cmd import run_sample
+
+    cfg = C.apply_overrides(C.SampleConfig(model=args.model), overrides)
+    out = run_sample(cfg)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    try:
+        overrides = _collect_overrides(args, extra)
+        return int(args.handler(args, overrides) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

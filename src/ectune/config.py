@@ -1,0 +1,435 @@
+"""Frozen configuration dataclasses, named presets, and their JSON / command-line round trip.
+
+One :class:`TrainConfig` serves the three training commands (``pretrain`` = EDM, ``tune`` = ECT,
+``train-ict`` = iCT), selected by ``method``; :class:`SampleConfig` serves ``sample``. Presets are
+functions ``(method) -> TrainConfig`` so that e.g. ``cifar10`` carries the paper's settings for each
+method. Every leaf field has help text; :func:`apply_overrides` takes dotted keys (``ect.q``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ectune.errors import ConfigError
+from ectune.fields import opt
+from ectune.losses import ECTLoss, EDMLoss, ICTLoss
+
+SCHEMA_VERSION = 1
+METHODS = ("edm", "ect", "ict")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = opt("mnist", "dataset: mnist, fashion-mnist, digits, swissroll, 8gaussians, moons, checkerboard, "
+                             "or a folder / .zip of PNGs / .npz file")
+    path: str | None = opt(None, "path of a folder, .zip or .npz (when name is not a built-in dataset)")
+    split: str = opt("train", "dataset split (train, val, test, all)")
+    use_labels: bool = opt(False, "train class-conditional on the dataset's labels")
+    xflip: bool = opt(False, "random horizontal flips")
+    max_items: int | None = opt(None, "use at most this many items")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    name: str = opt("songunet", "backbone: songunet or mlp")
+    kwargs: dict = opt({}, "constructor arguments of the backbone (EDM's names for songunet)")
+    dropout: float | None = opt(None, "dropout probability; overrides kwargs and a teacher's value when set")
+
+
+@dataclass(frozen=True)
+class PrecondConfig:
+    sigma_data: float = opt(0.5, "data standard deviation")
+    train_scalings: str = opt("edm", "scalings while training: edm or cm")
+    sample_scalings: str = opt("edm", "scalings while sampling: edm or cm")
+    sigma_min: float = opt(0.002, "sigma_min of the cm scalings (official ECT CIFAR-10 samples with 0.003)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = opt("radam", "optimizer: adam or radam")
+    lr: float = opt(1e-4, "learning rate (the reference lr for inverse_sqrt)")
+    betas: tuple = opt((0.9, 0.999), "Adam betas")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(0.0, "weight decay")
+    schedule: str = opt("constant", "lr schedule: constant or inverse_sqrt (lr / sqrt(max(nimg / (ref_batches * batch), 1)))")
+    ref_batches: float = opt(2000.0, "inverse_sqrt: iterations before the decay starts")
+    warmup_nimg: int = opt(0, "linear learning-rate warm-up over this many images")
+    grad_clip: float | None = opt(None, "clip the gradient norm to this value")
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    beta: float | None = opt(0.9999, "fixed EMA decay per update (None = off)")
+    stds: tuple = opt((), "EDM2 power-function EMA relative stds, e.g. [0.01, 0.05, 0.1]")
+    export: str | None = opt(None, "which EMA the run exports as its model (default: the first)")
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    steps: int = opt(0, "preview sampler steps (0 = consistency 1/2-step for tune/ict, Heun 18 for pretrain)")
+    mid_sigma: float = opt(0.821, "2-step intermediate noise level of consistency previews")
+    num_images: int = opt(64, "images per preview grid")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = opt("ect", "training method: edm (diffusion pretraining), ect (consistency tuning), ict")
+    preset: str = opt("custom", "the preset this config started from")
+    teacher: str | None = opt(None, "tune: model folder of the pretrained diffusion teacher")
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    precond: PrecondConfig = field(default_factory=PrecondConfig)
+    edm: EDMLoss = field(default_factory=EDMLoss)
+    ect: ECTLoss = field(default_factory=ECTLoss)
+    ict: ICTLoss = field(default_factory=ICTLoss)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    batch: int = opt(128, "global batch size (images per optimiser step, all processes)")
+    batch_gpu: int | None = opt(None, "micro-batch per process (None = batch / world size); smaller values accumulate")
+    total_nimg: int = opt(1_280_000, "training length in images (a multiple of batch)")
+    seed: int = opt(0, "random seed: data order, noise and dropout are functions of (seed, images seen)")
+    precision: str = opt("fp32", "fp32 or bf16 (autocast)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    compile: bool = opt(False, "torch.compile the network")
+    run_dir: str | None = opt(None, "run folder (default runs/<method>-<preset>-<time>)")
+    log_every_nimg: int = opt(12_800, "log and write stats every this many images")
+    checkpoint_every_nimg: int = opt(256_000, "save a training state every this many images (0 = only at the end)")
+    preview_every_nimg: int = opt(0, "write a sample grid every this many images (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "keep the last K training states")
+    max_nonfinite_steps: int = opt(20, "stop after this many consecutive steps with a non-finite loss")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    model: str = opt("", "model folder (or run folder) to sample from")
+    method: str = opt("auto", "auto (consistency for ECT/iCT models, heun for diffusion), consistency, heun or euler")
+    steps: int = opt(0, "sampler steps (0 = 2 for consistency, 18 for heun / euler)")
+    sigmas: tuple = opt((), "consistency levels after sigma_max (default: the model's mid level for 2 steps)")
+    num_images: int = opt(64, "number of images")
+    seed: int = opt(0, "first seed: image j uses seed + j")
+    batch: int = opt(256, "images per batch (results do not depend on it)")
+    class_label: int | None = opt(None, "class for conditional models (None = random per image)")
+    out: str = opt("samples.png", "output: .png grid or .npz of uint8 images")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    renoise: str = opt("ect", "consistency re-noising: ect (tau z) or ict (sqrt(tau^2 - sigma_min^2) z)")
+    S_churn: float = opt(0.0, "EDM stochasticity S_churn (heun / euler)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets.
+
+_MNIST_UNET = dict(img_resolution=28, in_channels=1, out_channels=1, model_channels=48, channel_mult=[1, 2, 2],
+                   num_blocks=2, attn_resolutions=[7], dropout=0.1)
+_CIFAR_DDPMPP = dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=[2, 2, 2],
+                     num_blocks=4, attn_resolutions=[16], dropout=0.13, embedding_type="positional",
+                     encoder_type="standard", decoder_type="standard", resample_filter=[1, 1], channel_mult_noise=1)
+_TOY_MLP = dict(dim=2, hidden_dim=256, num_blocks=4, dropout=0.0)
+
+
+def _small(dataset: str, method: str, net: dict, *, pre_nimg: int, tune_nimg: int, name: str) -> TrainConfig:
+    """Shared shape of the small-data presets (MNIST-like images)."""
+    data = DataConfig(name=dataset)
+    network = NetworkConfig(name="songunet", kwargs=dict(net))
+    if method == "edm":
+        return TrainConfig(method="edm", preset=name, data=data, network=network, batch=128, total_nimg=pre_nimg,
+                           optim=OptimConfig(name="adam", lr=1e-3, betas=(0.9, 0.999), warmup_nimg=200_000),
+                           ema=EMAConfig(beta=0.999, stds=(0.05, 0.1)),
+                           precision="bf16")
+    if method == "ect":
+        return TrainConfig(method="ect", preset=name, data=data, network=NetworkConfig(name="songunet", dropout=0.2),
+                           batch=128, total_nimg=tune_nimg,
+                           ect=ECTLoss(q=4.0, stage_nimg=max(tune_nimg // 4, 128), c=0.0, weighting="inv_dt"),
+                           precond=PrecondConfig(train_scalings="edm", sample_scalings="cm", sigma_min=0.002),
+                           optim=OptimConfig(name="radam", lr=2e-4), ema=EMAConfig(beta=0.999),
+                           preview=PreviewConfig(mid_sigma=0.821), precision="bf16")
+    return TrainConfig(method="ict", preset=name, data=data, network=NetworkConfig(name="songunet", kwargs=dict(net), dropout=0.3),
+                       batch=128, total_nimg=pre_nimg, precond=PrecondConfig(train_scalings="cm", sample_scalings="cm"),
+                       optim=OptimConfig(name="radam", lr=1e-4), ema=EMAConfig(beta=0.9993), precision="bf16")
+
+
+def _mnist(method: str) -> TrainConfig:
+    return _small("mnist", method, _MNIST_UNET, pre_nimg=5_120_000, tune_nimg=64_000, name="mnist")
+
+
+def _fashion(method: str) -> TrainConfig:
+    return _small("fashion-mnist", method, _MNIST_UNET, pre_nimg=5_120_000, tune_nimg=64_000, name="fashion-mnist")
+
+
+def _toy2d(method: str) -> TrainConfig:
+    data = DataConfig(name="swissroll")
+    common = dict(preset="toy2d", data=data, batch=512, log_every_nimg=51_200, checkpoint_every_nimg=0,
+                  preview=PreviewConfig(mid_sigma=0.821, num_images=2048))
+    if method == "edm":
+        return TrainConfig(method="edm", network=NetworkConfig(name="mlp", kwargs=dict(_TOY_MLP)), total_nimg=2_048_000,
+                           optim=OptimConfig(name="adam", lr=1e-3), ema=EMAConfig(beta=0.999), **common)
+    if method == "ect":
+        return TrainConfig(method="ect", network=NetworkConfig(name="mlp"), total_nimg=1_024_000,
+                           ect=ECTLoss(q=4.0, stage_nimg=256_000),
+                           precond=PrecondConfig(train_scalings="edm", sample_scalings="cm"),
+                           optim=OptimConfig(name="radam", lr=2e-4), ema=EMAConfig(beta=0.999), **common)
+    return TrainConfig(method="ict", network=NetworkConfig(name="mlp", kwargs=dict(_TOY_MLP)), total_nimg=2_048_000,
+                       precond=PrecondConfig(train_scalings="cm", sample_scalings="cm"),
+                       optim=OptimConfig(name="radam", lr=1e-3), ema=EMAConfig(beta=0.999), **common)
+
+
+def _cifar10(method: str) -> TrainConfig:
+    """CIFAR-10 32x32, DDPM++: EDM's pretraining, official ECT (ECT Table 1 / run_ecm.sh) and iCT settings."""
+    data = DataConfig(name="cifar10", path="datasets/cifar10-32x32.zip", xflip=False)
+    if method == "edm":
+        return TrainConfig(method="edm", preset="cifar10", data=data, batch=512, total_nimg=200_000_000,
+                           network=NetworkConfig(kwargs=dict(_CIFAR_DDPMPP)),
+                           optim=OptimConfig(name="adam", lr=1e-3, betas=(0.9, 0.999), eps=1e-8, warmup_nimg=10_000_000),
+                           ema=EMAConfig(beta=0.999943), checkpoint_every_nimg=2_560_000)
+    if method == "ect":
+        return TrainConfig(method="ect", preset="cifar10", data=data, batch=128, total_nimg=51_200_000,
+                           network=NetworkConfig(dropout=0.2),
+                           ect=ECTLoss(P_mean=-1.1, P_std=2.0, q=2.0, k=8.0, b=1.0, mapping="sigmoid",
+                                       stage_nimg=3_200_000, distance="huber", c=0.0, weighting="inv_dt"),
+                           precond=PrecondConfig(train_scalings="edm", sample_scalings="cm", sigma_min=0.003),
+                           optim=OptimConfig(name="radam", lr=1e-4, betas=(0.9, 0.999)), ema=EMAConfig(beta=0.9999),
+                           preview=PreviewConfig(mid_sigma=0.821), checkpoint_every_nimg=1_280_000)
+    return TrainConfig(method="ict", preset="cifar10", data=data, batch=1024, total_nimg=409_600_000,
+                       network=NetworkConfig(kwargs=dict(_CIFAR_DDPMPP), dropout=0.3),
+                       precond=PrecondConfig(train_scalings="cm", sample_scalings="cm", sigma_min=0.002),
+                       optim=OptimConfig(name="radam", lr=1e-4, betas=(0.9, 0.999)), ema=EMAConfig(beta=0.99993),
+                       checkpoint_every_nimg=10_240_000)
+
+
+def _imagenet64_s(method: str) -> TrainConfig:
+    """ImageNet 64 with EDM2-S (ECT imgnet branch): q = 4, c = 0.06, w = 1/t^2 + 1/sd^2, Adam 1e-3
+    with inverse-sqrt decay, power-function EMA restarted at the first tuning step."""
+    if method != "ect":
+        raise ConfigError("preset imagenet64-s is defined for `ectune tune` only: pretrain with EDM2's code and convert")
+    return TrainConfig(method="ect", preset="imagenet64-s", data=DataConfig(name="imagenet64", path="datasets/imagenet-64x64.zip",
+                                                                          use_labels=True),
+                       network=NetworkConfig(dropout=0.4), batch=128, total_nimg=12_800_000,
+                       ect=ECTLoss(P_mean=-0.8, P_std=1.6, q=4.0, k=8.0, b=1.0, mapping="sigmoid", stage_nimg=3_200_000,
+                                   distance="huber", c=0.06, weighting="edm"),
+                       precond=PrecondConfig(train_scalings="edm", sample_scalings="edm"),
+                       optim=OptimConfig(name="adam", lr=1e-3, betas=(0.9, 0.99), schedule="inverse_sqrt", ref_batches=2000),
+                       ema=EMAConfig(beta=0.9999, stds=(0.01, 0.05, 0.1)),
+                       preview=PreviewConfig(mid_sigma=1.526), checkpoint_every_nimg=1_280_000)
+
+
+PRESETS: dict[str, Callable[[str], TrainConfig]] = {
+    "mnist": _mnist,
+    "fashion-mnist": _fashion,
+    "toy2d": _toy2d,
+    "cifar10": _cifar10,
+    "imagenet64-s": _imagenet64_s,
+}
+
+
+def preset(name: str, method: str) -> TrainConfig:
+    """The named preset's config for ``method`` (edm, ect or ict)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    return PRESETS[name](method)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialisation and overrides.
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config as plain JSON-able data (tuples become lists)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name.startswith("_"):
+            continue
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif callable(v):
+            raise ConfigError(f"config field {f.name} holds a callable, which cannot be saved: use a named option")
+        out[f.name] = v
+    return out
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps({"schema_version": SCHEMA_VERSION, **to_dict(cfg)}, indent=2, sort_keys=False)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a JSON / command-line value to the field's annotated type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot use {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be an object of options, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if tp is tuple or origin is tuple:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
+            except json.JSONDecodeError:
+                raise ConfigError(f"{key} must be a list such as [0.9, 0.999], got {value!r}") from None
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        out = []
+        for v in value:
+            try:
+                out.append(float(v) if not isinstance(v, (int, float)) else v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key} must be a list of numbers, got {value!r}") from None
+        return tuple(out)
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{key} must be a JSON object, got {value!r}") from None
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be an object, got {value!r}")
+        return dict(value)
+    if callable(value) and not isinstance(value, str):
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Mapping[str, Any], *, prefix: str = "", base: Any = None) -> Any:
+    """Build ``cls`` from a (possibly partial) mapping on top of ``base`` (or the defaults).
+    Unknown keys raise a ConfigError naming the key."""
+    types_ = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    base = base if base is not None else cls()
+    kwargs = {}
+    for k, v in data.items():
+        if k == "schema_version" and not prefix:
+            if v != SCHEMA_VERSION:
+                raise ConfigError(f"config schema_version {v} is not supported (this ectune reads {SCHEMA_VERSION})")
+            continue
+        if k not in names:
+            raise ConfigError(f"unknown config option {prefix}{k!r}: see --help for the valid options")
+        tp = types_[k]
+        if dataclasses.is_dataclass(tp) and isinstance(v, Mapping):
+            kwargs[k] = from_dict(tp, v, prefix=f"{prefix}{k}.", base=getattr(base, k))
+        elif tp is dict and isinstance(v, Mapping):
+            kwargs[k] = {**getattr(base, k), **v} if prefix + k != "network.kwargs" else dict(v)
+        else:
+            kwargs[k] = _coerce(v, tp, prefix + k)
+    try:
+        return dataclasses.replace(base, **kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid config: {e}") from None
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
+    """Apply dotted-key overrides such as {"ect.q": "4", "network.kwargs.model_channels": "32"}."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        if isinstance(value, str) and parts[:2] == ["network", "kwargs"] and len(parts) > 2:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        node[parts[-1]] = value
+    if "network" in nested and "kwargs" in nested["network"]:
+        # partial kwargs merge into the preset's kwargs rather than replacing them
+        nested["network"]["kwargs"] = {**cfg.network.kwargs, **nested["network"]["kwargs"]}
+    return from_dict(type(cfg), nested, base=cfg)
+
+
+def iter_options(cls: type, prefix: str = "") -> list[tuple[str, Any, str, Any]]:
+    """Every leaf option as (dotted key, type, help, default) for building --help."""
+    out = []
+    types_ = _field_types(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        tp = types_[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(iter_options(tp, prefix + f.name + "."))
+        else:
+            out.append((prefix + f.name, tp, f.metadata.get("help", ""), getattr(default, f.name)))
+    return out
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need several fields at once. Raises ConfigError with the fix."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    if cfg.batch <= 0:
+        raise ConfigError(f"batch must be positive, got {cfg.batch}")
+    if cfg.total_nimg <= 0 or cfg.total_nimg % cfg.batch:
+        raise ConfigError(f"total_nimg ({cfg.total_nimg}) must be a positive multiple of batch ({cfg.batch}): "
+                          f"use e.g. {max(1, round(cfg.total_nimg / cfg.batch)) * cfg.batch}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"learning rate must be positive, got {cfg.optim.lr}: set --optim.lr to e.g. 1e-4")
+    if cfg.optim.name not in ("adam", "radam"):
+        raise ConfigError(f"unknown optimizer {cfg.optim.name!r}: use adam or radam")
+    if cfg.optim.schedule not in ("constant", "inverse_sqrt"):
+        raise ConfigError(f"unknown lr schedule {cfg.optim.schedule!r}: use constant or inverse_sqrt")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"unknown precision {cfg.precision!r}: use fp32 or bf16")
+    if cfg.ema.beta is not None and not 0 <= cfg.ema.beta < 1:
+        raise ConfigError(f"ema.beta must be in [0, 1), got {cfg.ema.beta}")
+    if cfg.ema.beta is None and not cfg.ema.stds:
+        raise ConfigError("no EMA configured: set ema.beta (e.g. 0.9999) or ema.stds")
+    if cfg.batch_gpu is not None and (cfg.batch_gpu <= 0 or cfg.batch % cfg.batch_gpu):
+        raise ConfigError(f"batch_gpu ({cfg.batch_gpu}) must divide batch ({cfg.batch})")
+    for name in ("train_scalings", "sample_scalings"):
+        if getattr(cfg.precond, name) not in ("edm", "cm"):
+            raise ConfigError(f"precond.{name} must be edm or cm, got {getattr(cfg.precond, name)!r}")
+    if cfg.method == "ect" and not cfg.teacher:
+        raise ConfigError("ECT tuning needs a teacher: pass --teacher MODEL_DIR (a folder written by `ectune pretrain`)")

@@ -1,0 +1,424 @@
+"""One training loop for EDM pretraining, ECT tuning and iCT, from one CPU process to torchrun DDP.
+
+Progress is counted in images (``nimg``). Every random number of a step comes from a generator
+seeded with (seed, nimg, micro-batch index), and the data order is a pure function of (seed, nimg),
+so a resumed run replays exactly the stream an uninterrupted one would have seen, and the result
+does not depend on how micro-batches are spread over processes (world size x accumulation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ectune import config as config_mod
+from ectune.checkpoint import (ModelInfo, build_from_info, list_states, load_model, load_state, save_model, save_state,
+                               write_text_atomic)
+from ectune.config import TrainConfig
+from ectune.data import ArrayDataset, load_dataset, stream_indices
+from ectune.ema import EMAGroup, FixedEMA, PowerFunctionEMA
+from ectune.errors import CheckpointError, ConfigError, DataError, UserError
+from ectune.networks import build_network
+from ectune.precond import Denoiser
+from ectune import schedules
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group and device.
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "gloo"
+        dist.init_process_group(backend=backend)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
+def step_seed(seed: int, nimg: int, micro: int) -> int:
+    """The seed of one micro-batch's generator: a hash of (seed, images seen, global micro-batch index)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, nimg, micro]).generate_state(2, np.uint32).astype(np.uint64)
+               .dot(np.array([1, 1 << 32], dtype=np.uint64)) & 0x7FFFFFFFFFFFFFFF)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pieces of a run.
+
+
+def build_loss(cfg: TrainConfig):
+    if cfg.method == "edm":
+        return cfg.edm
+    if cfg.method == "ect":
+        return cfg.ect
+    ict = cfg.ict
+    return dataclasses.replace(ict, total_nimg=ict.total_nimg or cfg.total_nimg, batch=ict.batch or cfg.batch)
+
+
+def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, ModelInfo, Denoiser | None]:
+    """The network to train and the description its exported model folder will carry.
+
+    For ECT the architecture and weights come from the teacher; otherwise from ``cfg.network``.
+    Returns (raw network, model info, teacher denoiser or None).
+    """
+    shape = tuple(data.shape)
+    if cfg.method == "ect":
+        teacher, tinfo = load_model(cfg.teacher, dropout=cfg.network.dropout)
+        if tinfo.data_shape != shape:
+            raise DataError(f"the teacher {cfg.teacher} was trained on data of shape {list(tinfo.data_shape)} but "
+                            f"{cfg.data.name} has shape {list(shape)}: tune on the teacher's dataset")
+        if tinfo.label_dim != data.label_dim:
+            raise DataError(f"the teacher has {tinfo.label_dim} classes but the data has {data.label_dim}: "
+                            f"set --data.use_labels to match the teacher")
+        net = teacher.net
+        kwargs = dict(tinfo.kwargs)
+        if cfg.network.dropout is not None:
+            kwargs["dropout"] = cfg.network.dropout
+        name = tinfo.network
+    else:
+        name = cfg.network.name
+        kwargs = dict(cfg.network.kwargs)
+        if cfg.network.dropout is not None:
+            kwargs["dropout"] = cfg.network.dropout
+        kwargs = _fit_kwargs_to_data(name, kwargs, data)
+        net = build_network(name, **kwargs)
+        teacher = None
+    info = ModelInfo(network=name, kwargs=kwargs, sigma_data=cfg.precond.sigma_data, scalings=cfg.precond.sample_scalings,
+                     sigma_min=cfg.precond.sigma_min, method=cfg.method, data_shape=shape, label_dim=data.label_dim,
+                     mid_sigma=cfg.preview.mid_sigma, extra={"data": cfg.data.name, "preset": cfg.preset})
+    return net, info, teacher
+
+
+def _fit_kwargs_to_data(name: str, kwargs: dict, data: ArrayDataset) -> dict:
+    """Check (and fill in where absent) the network's data shape and label count against the dataset."""
+    kwargs = dict(kwargs)
+    if data.is_image:
+        c, h, w = data.shape
+        if h != w:
+            raise DataError(f"{data.name} images are {h}x{w}: ectune's U-Net needs square images")
+        expect = {"img_resolution": h, "in_channels": c, "out_channels": c}
+    else:
+        expect = {"dim": data.shape[0]}
+    if name == "mlp" and data.is_image:
+        raise DataError(f"{data.name} holds images of shape {list(data.shape)} but the network is an MLP for vectors: "
+                        f"use a songunet preset (e.g. --preset mnist)")
+    if name == "songunet" and not data.is_image:
+        raise DataError(f"{data.name} holds {data.shape[0]}-D points but the network is a U-Net for images: "
+                        f"use --preset toy2d")
+    for key, value in expect.items():
+        if key in kwargs and kwargs[key] != value:
+            raise DataError(f"{data.name} has {key}={value} but the network is configured with {key}={kwargs[key]}: "
+                            f"set --network.kwargs.{key} {value} or use a preset made for this data")
+        kwargs[key] = value
+    kwargs["label_dim"] = data.label_dim if kwargs.get("label_dim", 0) in (0, data.label_dim) else kwargs["label_dim"]
+    if kwargs["label_dim"] != data.label_dim:
+        raise DataError(f"the network expects {kwargs['label_dim']} classes but the data has {data.label_dim}")
+    return kwargs
+
+
+def build_ema(cfg: TrainConfig, net: nn.Module) -> EMAGroup:
+    members: list[FixedEMA | PowerFunctionEMA] = []
+    if cfg.ema.beta is not None:
+        members.append(FixedEMA(net, cfg.ema.beta))
+    if cfg.ema.stds:
+        members.append(PowerFunctionEMA(net, tuple(cfg.ema.stds)))
+    return EMAGroup(members)
+
+
+def build_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.RAdam
+    return cls(net.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def learning_rate(cfg: TrainConfig, nimg: int) -> float:
+    o = cfg.optim
+    lr = o.lr
+    if o.schedule == "inverse_sqrt":
+        lr = schedules.lr_inverse_sqrt(nimg, cfg.batch, lr, o.ref_batches)
+    if o.warmup_nimg > 0:
+        lr *= min((nimg + cfg.batch) / o.warmup_nimg, 1.0)
+    return lr
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.method}-{cfg.preset}-{stamp}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging.
+
+
+class RunLog:
+    """log.txt, stats.jsonl and TensorBoard events in the run folder (main process only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self._tb = None
+
+    def text(self, line: str) -> None:
+        if self.enabled:
+            with open(self.run_dir / "log.txt", "a", encoding="utf-8") as f:
+                f.write(line.rstrip() + "\n")
+
+    def stats(self, nimg: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / "stats.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"nimg": nimg, "kimg": nimg / 1000, **values}) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, nimg)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    nimg: int
+    model_dir: Path
+    wall_s: float
+    nonfinite_steps: int
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
+          stop_after_nimg: int | None = None) -> TrainResult:
+    """Run (or resume) training as configured. ``resume`` is a run folder holding training states.
+    ``stop_after_nimg`` stops early (for tests of resumption) without changing the schedule."""
+    if resume:
+        run_dir = Path(resume)
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise CheckpointError(f"{run_dir} has no config.json: pass the folder of a run to resume")
+        try:
+            cfg = config_mod.from_dict(TrainConfig, json.loads(saved.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{saved} is not valid JSON ({e})") from None
+        states = list_states(run_dir)
+        if not states:
+            raise CheckpointError(f"{run_dir} holds no training state to resume from (checkpoints/training-state-*.pt)")
+    config_mod.validate(cfg)
+    ddp = init_distributed(cfg.device)
+    device = resolve_device(cfg.device, ddp.local_rank)
+    batch_gpu = cfg.batch_gpu or cfg.batch // ddp.world
+    if cfg.batch % (batch_gpu * ddp.world):
+        raise ConfigError(f"batch ({cfg.batch}) must be a multiple of batch_gpu x processes ({batch_gpu} x {ddp.world})")
+    accum = cfg.batch // (batch_gpu * ddp.world)
+
+    data = load_dataset(cfg.data.name, path=cfg.data.path, split=cfg.data.split, use_labels=cfg.data.use_labels,
+                        max_items=cfg.data.max_items, seed=cfg.seed)
+    if len(data) < batch_gpu:
+        raise DataError(f"{cfg.data.name} has {len(data)} items, fewer than one micro-batch ({batch_gpu}): lower --batch")
+    net, info, _ = network_info(cfg, data)
+    run_dir = Path(resume) if resume else prepare_run_dir(cfg)
+    if not resume:
+        cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+        if ddp.is_main:
+            if (run_dir / "config.json").exists() or list_states(run_dir):
+                raise UserError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-dir")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / "config.json", config_mod.to_json(cfg))
+    if ddp.world > 1:
+        dist.barrier()
+
+    net.to(device).train()
+    denoiser = Denoiser(net, sigma_data=cfg.precond.sigma_data, scalings=cfg.precond.train_scalings,
+                        sigma_min=cfg.precond.sigma_min).to(device)
+    ema = build_ema(cfg, net)
+    optimizer = build_optimizer(cfg, net)
+    loss_fn = build_loss(cfg)
+    nimg = 0
+    if resume:
+        nimg_saved, path = list_states(run_dir)[-1]
+        state = load_state(path)
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        nimg = int(state["nimg"])
+        for e in ema.nets().values():
+            e.to(device)
+    else:
+        for e in ema.nets().values():
+            e.to(device)
+        for m in ema.members:
+            if isinstance(m, PowerFunctionEMA):
+                m.restart(net, 0)
+    if ddp.world > 1:
+        _check_same_parameters(net)
+    model: nn.Module = denoiser
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log = RunLog(run_dir, ddp.is_main)
+    log.text(f"{'resuming' if resume else 'starting'} {cfg.method} at {nimg} images on {device} x {ddp.world}, "
+             f"batch {cfg.batch} = {batch_gpu} x {ddp.world} processes x {accum} accumulation rounds")
+    export_name = cfg.ema.export or next(iter(ema.nets()))
+    if export_name not in ema.nets():
+        raise ConfigError(f"ema.export {export_name!r} is not one of {', '.join(ema.nets())}")
+
+    stop_at = min(cfg.total_nimg, stop_after_nimg) if stop_after_nimg is not None else cfg.total_nimg
+    bar = None
+    if progress and ddp.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.total_nimg, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True,
+                   desc=f"{cfg.method}")
+    t_start = time.perf_counter()
+    t_log, nimg_log = t_start, nimg
+    loss_acc = torch.zeros((), device=device, dtype=torch.float64)
+    loss_count = 0
+    nonfinite_total, nonfinite_run = 0, 0
+    params = [p for p in net.parameters() if p.requires_grad]
+    try:
+        while nimg < stop_at:
+            lr = learning_rate(cfg, nimg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=device, dtype=torch.float64)
+            for a in range(accum):
+                micro = a * ddp.world + ddp.rank
+                gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, nimg, micro))
+                idx = stream_indices(len(data), cfg.seed, nimg + micro * batch_gpu, batch_gpu)
+                x, labels = data.batch(idx, xflip=cfg.data.xflip, generator=gen, device=device)
+                sync = contextlib.nullcontext() if (ddp.world == 1 or a == accum - 1) else model.no_sync()
+                with sync:
+                    with _autocast(device, cfg.precision):
+                        per_sample = loss_fn(model, x, labels, nimg, gen)
+                    total = per_sample.sum()
+                    (total * (ddp.world / cfg.batch)).backward()
+                step_loss += total.detach().to(torch.float64)
+            if ddp.world > 1:
+                dist.all_reduce(step_loss)
+            finite = bool(torch.isfinite(step_loss))
+            if finite:
+                for p in params:
+                    if p.grad is not None:
+                        torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+                if cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                optimizer.step()
+                nonfinite_run = 0
+                loss_acc += step_loss
+                loss_count += cfg.batch
+            else:
+                nonfinite_total += 1
+                nonfinite_run += 1
+                log.text(f"non-finite loss at {nimg} images: step skipped ({nonfinite_run} in a row)")
+                if nonfinite_run >= cfg.max_nonfinite_steps:
+                    raise UserError(f"{nonfinite_run} consecutive steps had a non-finite loss at {nimg} images: lower "
+                                    f"--optim.lr or use --precision fp32; the last good checkpoint is in {run_dir}")
+            nimg += cfg.batch
+            ema.update(net, nimg, cfg.batch)
+            if bar is not None:
+                bar.update(cfg.batch)
+            done = nimg >= stop_at
+            if nimg % cfg.log_every_nimg < cfg.batch or done:
+                now = time.perf_counter()
+                mean_loss = float(loss_acc) / max(loss_count, 1)
+                stats = {"loss": mean_loss, "lr": lr, "img_per_s": (nimg - nimg_log) / max(now - t_log, 1e-9),
+                         "nonfinite_steps": nonfinite_total, "wall_s": now - t_start, **loss_fn.stats(nimg)}
+                log.stats(nimg, stats)
+                log.text(f"kimg {nimg / 1000:.1f} loss {mean_loss:.5g} lr {lr:.3g} img/s {stats['img_per_s']:.1f} "
+                         + " ".join(f"{k} {v}" for k, v in loss_fn.stats(nimg).items()))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.4g}", **{k: v for k, v in loss_fn.stats(nimg).items()})
+                t_log, nimg_log = now, nimg
+                loss_acc.zero_()
+                loss_count = 0
+            ckpt_due = cfg.checkpoint_every_nimg > 0 and nimg % cfg.checkpoint_every_nimg < cfg.batch
+            if ckpt_due or done:
+                _save(run_dir, cfg, nimg, net, ema, optimizer, info, export_name, ddp)
+            preview_due = cfg.preview_every_nimg > 0 and nimg % cfg.preview_every_nimg < cfg.batch
+            if ddp.is_main and (preview_due or (done and nimg >= cfg.total_nimg)):
+                from ectune.preview import write_preview
+                write_preview(run_dir / "samples" / f"preview-{nimg // 1000:06d}kimg.png", ema.nets()[export_name], info,
+                              cfg.preview, device)
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+    wall = time.perf_counter() - t_start
+    log.text(f"stopped at {nimg} images after {wall:.1f} s")
+    return TrainResult(run_dir=run_dir, nimg=nimg, model_dir=run_dir / "model", wall_s=wall, nonfinite_steps=nonfinite_total)
+
+
+def _save(run_dir: Path, cfg: TrainConfig, nimg: int, net: nn.Module, ema: EMAGroup, optimizer: torch.optim.Optimizer,
+          info: ModelInfo, export_name: str, ddp: Dist) -> None:
+    if ddp.is_main:
+        state = {"nimg": nimg, "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
+        save_state(run_dir, nimg, state, cfg.keep_checkpoints)
+        save_model(run_dir / "model", ema.nets()[export_name], dataclasses.replace(info, extra={**info.extra, "nimg": nimg}))
+    if ddp.world > 1:
+        dist.barrier()
+
+
+def _check_same_parameters(net: nn.Module) -> None:
+    """All ranks must start from identical weights (checked once at start)."""
+    flat = torch.cat([p.detach().float().flatten() for p in net.parameters()])
+    checksum = torch.stack([flat.sum(), flat.square().sum()]).cpu().double()
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise UserError("processes hold different parameters at start: relaunch all workers from the same run folder")
