@@ -126,8 +126,11 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
             cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             cfg = {}
-        if isinstance(cfg, dict) and cfg.get("format") != MODEL_FORMAT and (p / "model" / "config.json").is_file():
-            return p / "model"
+        if isinstance(cfg, dict) and cfg.get("format") != MODEL_FORMAT and "method" in cfg:
+            if (p / "model" / "config.json").is_file():
+                return p / "model"
+            raise CheckpointError(f"{p} is a run folder with no exported model yet (no model/): let the run reach its "
+                                  f"first checkpoint, or resume it with --resume {p}")
     if not p.is_dir():
         raise CheckpointError(f"{p} is a file, not a model folder: pass the folder holding config.json and "
                               f"model.safetensors (convert foreign checkpoints with `ectune convert`)")

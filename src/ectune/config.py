@@ -19,6 +19,7 @@ from typing import Any
 from ectune.errors import ConfigError
 from ectune.fields import opt
 from ectune.losses import ECTLoss, EDMLoss, ICTLoss
+from ectune.networks import MNIST_CONFIG
 
 SCHEMA_VERSION = 1
 METHODS = ("edm", "ect", "ict")
@@ -125,8 +126,7 @@ class SampleConfig:
 # ---------------------------------------------------------------------------------------------
 # Presets.
 
-_MNIST_UNET = dict(img_resolution=28, in_channels=1, out_channels=1, model_channels=48, channel_mult=[1, 2, 2],
-                   num_blocks=2, attn_resolutions=[7], dropout=0.1)
+_MNIST_UNET = {k: list(v) if isinstance(v, tuple) else v for k, v in MNIST_CONFIG.items()}
 _CIFAR_DDPMPP = dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=[2, 2, 2],
                      num_blocks=4, attn_resolutions=[16], dropout=0.13, embedding_type="positional",
                      encoder_type="standard", decoder_type="standard", resample_filter=[1, 1], channel_mult_noise=1)
@@ -173,7 +173,7 @@ def _toy2d(method: str) -> TrainConfig:
         return TrainConfig(method="ect", network=NetworkConfig(name="mlp"), total_nimg=1_024_000,
                            ect=ECTLoss(q=4.0, stage_nimg=256_000),
                            precond=PrecondConfig(train_scalings="edm", sample_scalings="cm"),
-                           optim=OptimConfig(name="radam", lr=2e-4), ema=EMAConfig(beta=0.999), **common)
+                           optim=OptimConfig(name="radam", lr=1e-3), ema=EMAConfig(beta=0.999), **common)
     return TrainConfig(method="ict", network=NetworkConfig(name="mlp", kwargs=dict(_TOY_MLP)), total_nimg=2_048_000,
                        precond=PrecondConfig(train_scalings="cm", sample_scalings="cm"),
                        optim=OptimConfig(name="radam", lr=1e-3), ema=EMAConfig(beta=0.999), **common)
@@ -370,22 +370,35 @@ def from_dict(cls: type, data: Mapping[str, Any], *, prefix: str = "", base: Any
 
 
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
-    """Apply dotted-key overrides such as {"ect.q": "4", "network.kwargs.model_channels": "32"}."""
+    """Apply dotted-key overrides such as {"ect.q": "4", "network.kwargs.model_channels": "32"}.
+
+    ``network.kwargs`` (a JSON object) replaces the backbone arguments; ``network.kwargs.NAME`` sets one
+    of them (its value parsed as JSON when it is JSON, e.g. ``[1, 2, 2]``)."""
     nested: dict[str, Any] = {}
+    kw_replace: dict | None = None
+    kw_merge: dict[str, Any] = {}
     for key, value in overrides.items():
+        if key == "network.kwargs":
+            kw_replace = _coerce(value, dict, key)
+            continue
+        if key.startswith("network.kwargs."):
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            kw_merge[key[len("network.kwargs."):]] = value
+            continue
         parts = key.split(".")
         node = nested
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        if isinstance(value, str) and parts[:2] == ["network", "kwargs"] and len(parts) > 2:
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
+            if not isinstance(node, dict):
+                raise ConfigError(f"option {key!r} does not exist: see --help for the valid options")
         node[parts[-1]] = value
-    if "network" in nested and "kwargs" in nested["network"]:
-        # partial kwargs merge into the preset's kwargs rather than replacing them
-        nested["network"]["kwargs"] = {**cfg.network.kwargs, **nested["network"]["kwargs"]}
+    if kw_replace is not None or kw_merge:
+        base_kwargs = kw_replace if kw_replace is not None else cfg.network.kwargs
+        nested.setdefault("network", {})["kwargs"] = {**base_kwargs, **kw_merge}
     return from_dict(type(cfg), nested, base=cfg)
 
 

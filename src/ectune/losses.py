@@ -49,7 +49,7 @@ def adaptive_distance(delta: torch.Tensor, p: float, c: float) -> torch.Tensor:
     pseudo-Huber distance sqrt(delta + c^2) - c up to a factor 2."""
     if p == 0:
         return delta
-    return delta / (delta.detach() + c * c).pow(p)
+    return delta / (delta.detach() + c * c).clamp(min=1e-30).pow(p)
 
 
 def pseudo_huber(delta: torch.Tensor, c: float) -> torch.Tensor:
@@ -64,7 +64,8 @@ def pseudo_huber(delta: torch.Tensor, c: float) -> torch.Tensor:
 ECT_WEIGHTINGS: dict[str, Weighting] = {
     # 1/(t - r): ECT CIFAR-10 (the paper's "regular" weighting for the consistency gap).
     "inv_dt": lambda t, r: 1.0 / (t - r),
-    # 1/t^2 + 1/sigma_data^2 with sigma_data = 0.5: ECT ImageNet 64 (EDM's lambda(t)).
+    # 1/t^2 + 1/sigma_data^2: ECT ImageNet 64 (EDM's lambda(t)); ECTLoss uses its own sigma_data,
+    # this entry is the sigma_data = 0.5 case.
     "edm": lambda t, r: 1.0 / t.square() + 4.0,
     "uniform": lambda t, r: torch.ones_like(t),
 }
@@ -151,6 +152,8 @@ class ECTLoss:
         return schedules.ect_r_of_t(t, self.stage(nimg), q=self.q, k=self.k, b=self.b, mapping=self.mapping)
 
     def weight(self, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if self.weighting == "edm":
+            return 1.0 / t.square() + 1.0 / self.sigma_data ** 2
         fn = ECT_WEIGHTINGS[self.weighting] if isinstance(self.weighting, str) else self.weighting
         return fn(t, r)
 
@@ -216,7 +219,7 @@ class ICTLoss:
     s1: int = opt(1280, "final number of discretisation steps s1")
     c: float | None = opt(None, "pseudo-Huber c (None = 0.00054 sqrt(C*H*W))")
     scalings: str | None = opt("cm", "preconditioning scalings (iCT: cm with sigma_min = 0.002)")
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def num_levels(self, nimg: int) -> int:
         if self.batch <= 0 or self.total_nimg < self.batch:

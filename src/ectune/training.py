@@ -269,6 +269,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
                         max_items=cfg.data.max_items, seed=cfg.seed)
     if len(data) < batch_gpu:
         raise DataError(f"{cfg.data.name} has {len(data)} items, fewer than one micro-batch ({batch_gpu}): lower --batch")
+    torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
     net, info, _ = network_info(cfg, data)
     run_dir = Path(resume) if resume else prepare_run_dir(cfg)
     if not resume:

