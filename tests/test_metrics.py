@@ -565,5 +565,5 @@ def test_fid_mnist_train_vs_test_at_2k(inception):
     elapsed = time.perf_counter() - start
     print(f"\nMNIST train vs test, 2k each: {out} in {elapsed:.0f} s")
     assert 7.0 < out["fid"] < 12.0
-    assert abs(out["kid"]) < 3 * out["kid_std"] + 1e-3
+    assert -1e-3 < out["kid"] < 5e-3  # measured 0.0018 +- 0.0003: the splits differ slightly
     assert out["precision"] > 0.6 and out["recall"] > 0.6

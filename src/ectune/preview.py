@@ -47,4 +47,3 @@ def write_preview(path: Path, net: nn.Module, info: ModelInfo, preview, device: 
     else:
         panels = [grid(to_uint8(o)) for o in outputs.values()]
         save_png(side_by_side(panels), path, scale=2 if info.data_shape[-1] <= 32 else 1)
-    net.train(False)
