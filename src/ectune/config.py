@@ -173,7 +173,7 @@ def _toy2d(method: str) -> TrainConfig:
         return TrainConfig(method="ect", network=NetworkConfig(name="mlp"), total_nimg=1_024_000,
                            ect=ECTLoss(q=4.0, stage_nimg=256_000),
                            precond=PrecondConfig(train_scalings="edm", sample_scalings="cm"),
-                           optim=OptimConfig(name="radam", lr=1e-3), ema=EMAConfig(beta=0.999), **common)
+                           optim=OptimConfig(name="radam", lr=1e-3), ema=EMAConfig(beta=0.99), **common)
     return TrainConfig(method="ict", network=NetworkConfig(name="mlp", kwargs=dict(_TOY_MLP)), total_nimg=2_048_000,
                        precond=PrecondConfig(train_scalings="cm", sample_scalings="cm"),
                        optim=OptimConfig(name="radam", lr=1e-3), ema=EMAConfig(beta=0.999), **common)
