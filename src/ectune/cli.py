@@ -1,4 +1,4 @@
-"""The ``ectune`` command line: pretrain, tune, train-ict, sample.
+"""The ``ectune`` command line: pretrain, tune, train-ict, sample, convert.
 
 Every config option is a flag named by its dotted key (``--ect.q 4``, ``--optim.lr 2e-4``,
 ``--network.kwargs.model_channels 32``); ``--config FILE`` reads a JSON config first; ``--dry-run``
@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
         _add_config_flags(p, C.TrainConfig, skip={"method", "preset"})
         p.set_defaults(method=method, handler=_cmd_train)
+    p = sub.add_parser("convert", help="convert an EDM / EDM2 / official ECT network pickle into a model folder, "
+                                       "without executing code from the file", formatter_class=_HelpFormatter)
+    p.add_argument("src", help="network pickle (.pkl) of EDM, EDM2 or the official ECT code")
+    p.add_argument("dest", help="new (or empty) folder for model.safetensors + config.json")
+    p.add_argument("--method", choices=["edm", "ect"], default=None,
+                   help="what the network is: a diffusion model (edm) or a consistency model (ect); default: "
+                        "read from the wrapper class")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=_cmd_convert)
     p = sub.add_parser("sample", help="generate images from a model folder", formatter_class=_HelpFormatter)
     p.add_argument("model", help="model folder (or run folder)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -136,6 +145,14 @@ def _cmd_sample(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     out = run_sample(cfg)
     print(f"wrote {out}")
     return 0
+
+
+def _cmd_convert(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from ectune.convert import cli_convert
+
+    if overrides:
+        raise UserError(f"convert takes no config options, got {', '.join(overrides)}")
+    return cli_convert(args.src, args.dest, args.method)
 
 
 def main(argv: list[str] | None = None) -> int:

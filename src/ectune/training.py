@@ -127,27 +127,29 @@ def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, Model
 def _fit_kwargs_to_data(name: str, kwargs: dict, data: ArrayDataset) -> dict:
     """Check (and fill in where absent) the network's data shape and label count against the dataset."""
     kwargs = dict(kwargs)
-    if data.is_image:
+    if name == "mlp":
+        if data.is_image:
+            raise DataError(f"{data.name} holds images of shape {list(data.shape)} but the network is an MLP for "
+                            f"vectors: use a U-Net preset (e.g. --preset mnist)")
+        expect = {"dim": data.shape[0]}
+    else:
+        if not data.is_image:
+            raise DataError(f"{data.name} holds {data.shape[0]}-D points but the network is a U-Net for images: "
+                            f"use --preset toy2d")
         c, h, w = data.shape
         if h != w:
-            raise DataError(f"{data.name} images are {h}x{w}: ectune's U-Net needs square images")
-        expect = {"img_resolution": h, "in_channels": c, "out_channels": c}
-    else:
-        expect = {"dim": data.shape[0]}
-    if name == "mlp" and data.is_image:
-        raise DataError(f"{data.name} holds images of shape {list(data.shape)} but the network is an MLP for vectors: "
-                        f"use a songunet preset (e.g. --preset mnist)")
-    if name == "songunet" and not data.is_image:
-        raise DataError(f"{data.name} holds {data.shape[0]}-D points but the network is a U-Net for images: "
-                        f"use --preset toy2d")
+            raise DataError(f"{data.name} images are {h}x{w}: ectune's U-Nets need square images")
+        channels = {"img_channels": c} if name == "edm2unet" else {"in_channels": c, "out_channels": c}
+        expect = {"img_resolution": h, **channels}
     for key, value in expect.items():
         if key in kwargs and kwargs[key] != value:
             raise DataError(f"{data.name} has {key}={value} but the network is configured with {key}={kwargs[key]}: "
                             f"set --network.kwargs.{key} {value} or use a preset made for this data")
         kwargs[key] = value
-    kwargs["label_dim"] = data.label_dim if kwargs.get("label_dim", 0) in (0, data.label_dim) else kwargs["label_dim"]
-    if kwargs["label_dim"] != data.label_dim:
-        raise DataError(f"the network expects {kwargs['label_dim']} classes but the data has {data.label_dim}")
+    if kwargs.get("label_dim", 0) not in (0, data.label_dim):
+        raise DataError(f"the network expects {kwargs['label_dim']} classes but the data has {data.label_dim}: "
+                        f"set --data.use_labels or --network.kwargs.label_dim to match")
+    kwargs["label_dim"] = data.label_dim
     return kwargs
 
 
@@ -304,6 +306,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         for m in ema.members:
             if isinstance(m, PowerFunctionEMA):
                 m.restart(net, 0)
+    for pname, p in net.named_parameters():
+        if pname.startswith("logvar_"):
+            p.requires_grad_(False)  # EDM2's uncertainty head is not used by D(x, sigma): keep it out of DDP
     if ddp.world > 1:
         _check_same_parameters(net)
     model: nn.Module = denoiser

@@ -13,6 +13,7 @@ from torch import nn
 
 from ectune.errors import ConfigError
 from ectune.networks.dropout import DropoutMasks, SharedDropout, record_dropout, replay_dropout
+from ectune.networks.edm2unet import EDM2UNet
 from ectune.networks.mlp import MLP
 from ectune.networks.songunet import MNIST_CONFIG, SongUNet
 
@@ -28,7 +29,7 @@ __all__ = [
     "replay_dropout",
 ]
 
-NETWORKS: dict[str, type[nn.Module]] = {"songunet": SongUNet, "mlp": MLP}
+NETWORKS: dict[str, type[nn.Module]] = {"songunet": SongUNet, "mlp": MLP, "edm2unet": EDM2UNet}
 
 
 def build_network(name: str, **kwargs) -> nn.Module:
