@@ -1,4 +1,4 @@
-"""The ``ectune`` command line: pretrain, tune, train-ict, sample, convert.
+"""The ``ectune`` command line: pretrain, tune, train-ict, sample, convert, eval, plot.
 
 Every config option is a flag named by its dotted key (``--ect.q 4``, ``--optim.lr 2e-4``,
 ``--network.kwargs.model_channels 32``); ``--config FILE`` reads a JSON config first; ``--dry-run``
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=TRAIN_HELP[name], description=TRAIN_HELP[name], formatter_class=_HelpFormatter)
         p.add_argument("--preset", default="mnist", help=f"named preset: {', '.join(C.PRESETS)}")
         p.add_argument("--config", help="JSON config file applied on top of the preset")
-        p.add_argument("--resume", metavar="RUN_DIR", help="resume the run in RUN_DIR from its latest training state")
+        p.add_argument("--resume", metavar="RUN_DIR", help="resume the run in RUN_DIR from its latest training state; "
+                       "`--resume auto` resumes --run-dir if it holds a state and starts it otherwise")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -95,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     _add_config_flags(p, C.SampleConfig, skip={"model"})
     p.set_defaults(handler=_cmd_sample)
+    p = sub.add_parser("eval", help="FID, KID, precision/recall (or 2-D distances) of a model or a set of images",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("source", help="model folder (or run folder) to sample, or a folder / .zip / .npz of images")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--search-mid", dest="cfg:search_mid", action="store_const", const=True, default=argparse.SUPPRESS,
+                   help="scan 2-step intermediate levels (--mid-grid) at --search-num-images and report the best")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_config_flags(p, C.EvalConfig, skip={"source", "search_mid"})
+    p.set_defaults(handler=_cmd_eval)
+    p = sub.add_parser("plot", help="PNG plots of runs: loss and metrics against images seen, FID against steps",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (their stats.jsonl and eval/*.json)")
+    p.add_argument("--out", help="folder for the PNGs (default: plots/ in the first run folder)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=_cmd_plot)
     return parser
 
 
@@ -118,11 +136,18 @@ def resolve_train_config(args: argparse.Namespace, overrides: dict[str, Any]) ->
 
 
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from ectune.training import train
+    from ectune.training import resume_or_start, train
 
-    if args.resume:
+    if args.resume == "auto":
+        cfg = resolve_train_config(args, overrides)
+        if args.dry_run:
+            print(C.to_json(cfg))
+            return 0
+        result = resume_or_start(cfg, progress=not args.no_progress)
+    elif args.resume:
         if overrides or args.config:
-            raise UserError("--resume continues a run with its saved config: drop the other options")
+            raise UserError("--resume RUN_DIR continues a run with its saved config: drop the other options "
+                            "(or use --resume auto with the run's own options)")
         if args.dry_run:
             print((Path(args.resume) / "config.json").read_text(encoding="utf-8"))
             return 0
@@ -135,6 +160,10 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         result = train(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {result.run_dir}\nmodel: {result.model_dir}\nimages seen: {result.nimg}")
+    if result.interrupted:
+        print(f"stopped by signal {result.interrupted} after saving a training state: resume with "
+              f"--resume {result.run_dir}", file=sys.stderr)
+        return 128 + int(result.interrupted)
     return 0
 
 
@@ -145,6 +174,24 @@ def _cmd_sample(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     out = run_sample(cfg)
     print(f"wrote {out}")
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from ectune.evaluate import cli_eval
+
+    cfg = C.apply_overrides(C.EvalConfig(source=args.source), overrides)
+    if args.dry_run:
+        print(C.to_json(cfg))
+        return 0
+    return cli_eval(cfg, as_json=args.json, progress=not args.no_progress)
+
+
+def _cmd_plot(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from ectune.plots import cli_plot
+
+    if overrides:
+        raise UserError(f"plot takes no config options, got {', '.join(overrides)}")
+    return cli_plot(args.runs, args.out)
 
 
 def _cmd_convert(args: argparse.Namespace, overrides: dict[str, Any]) -> int:

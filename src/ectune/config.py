@@ -1,9 +1,10 @@
 """Frozen configuration dataclasses, named presets, and their JSON / command-line round trip.
 
 One :class:`TrainConfig` serves the three training commands (``pretrain`` = EDM, ``tune`` = ECT,
-``train-ict`` = iCT), selected by ``method``; :class:`SampleConfig` serves ``sample``. Presets are
-functions ``(method) -> TrainConfig`` so that e.g. ``cifar10`` carries the paper's settings for each
-method. Every leaf field has help text; :func:`apply_overrides` takes dotted keys (``ect.q``).
+``train-ict`` = iCT), selected by ``method``; :class:`SampleConfig` serves ``sample`` and
+:class:`EvalConfig` ``eval``. Presets are functions ``(method) -> TrainConfig`` so that e.g.
+``cifar10`` carries the paper's settings for each method. Every leaf field has help text;
+:func:`apply_overrides` takes dotted keys (``ect.q``).
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ class TrainConfig:
     log_every_nimg: int = opt(12_800, "log and write stats every this many images")
     checkpoint_every_nimg: int = opt(256_000, "save a training state every this many images (0 = only at the end)")
     preview_every_nimg: int = opt(0, "write a sample grid every this many images (0 = only at the end)")
+    eval_every_nimg: int = opt(0, "compute metrics of the EMA model every this many images and at the end, into "
+                                  "stats.jsonl and TensorBoard (0 = never)")
+    eval_num_images: int = opt(1000, "images (or 2-D points) per training-time evaluation (FID at small N is biased "
+                                     "upward: compare runs at equal N)")
+    eval_metrics: str = opt("auto", "training-time metrics, comma-separated: fid, kid, precision, recall for images, "
+                                    "sw, mmd for 2-D data (auto = fid,kid or sw,mmd)")
     keep_checkpoints: int = opt(2, "keep the last K training states")
     max_nonfinite_steps: int = opt(20, "stop after this many consecutive steps with a non-finite loss")
 
@@ -121,6 +128,37 @@ class SampleConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     renoise: str = opt("ect", "consistency re-noising: ect (tau z) or ict (sqrt(tau^2 - sigma_min^2) z)")
     S_churn: float = opt(0.0, "EDM stochasticity S_churn (heun / euler)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    source: str = opt("", "model folder (or run folder) to sample, or a folder / .zip / .npz of images to evaluate")
+    data: str = opt("", "reference dataset: a name (mnist, swissroll, ...) or a path (default: the model's training data)")
+    data_path: str | None = opt(None, "where a built-in dataset's files are, when not the default location")
+    split: str = opt("train", "reference split (FID is conventionally reported against the training set)")
+    num_images: int = opt(10_000, "images (or 2-D points) to generate and evaluate")
+    ref_num_images: int = opt(0, "reference images (0 = as many as num_images, at most the split's size)")
+    seed: int = opt(0, "first seed: generated image j uses seed + j")
+    method: str = opt("auto", "sampler: auto (consistency for ECT/iCT models, heun for diffusion), consistency, heun, euler")
+    steps: int = opt(0, "sampler steps (0 = 2 for consistency, 18 for heun / euler)")
+    sigmas: tuple = opt((), "consistency levels after sigma_max (default: the model's mid level for 2 steps)")
+    steps_sweep: tuple = opt((), "evaluate at each of these step counts, e.g. 1,2,4 (consistency: levels spaced "
+                                 "geometrically from sigma_max down to the model's mid level)")
+    search_mid: bool = opt(False, "scan 2-step intermediate levels (mid_grid) and report the best by search_metric")
+    mid_grid: tuple = opt((0.1, 0.2, 0.4, 0.821, 1.2, 2.0, 4.0), "intermediate levels scanned by --search-mid")
+    search_num_images: int = opt(1000, "images per level scanned by --search-mid")
+    search_metric: str = opt("auto", "metric that ranks levels: fid, kid, precision, recall, sw, mmd (auto = fid or sw)")
+    metrics: str = opt("auto", "comma-separated: fid, kid, precision, recall for images; sw, mmd for 2-D data (auto = all)")
+    encoder: str = opt("inception_v3", "feature encoder: inception_v3 (FID) or dinov2 (FD-DINOv2, needs --encoder-path)")
+    encoder_path: str | None = opt(None, "weights file of the encoder (TorchScript; default: the installed Inception)")
+    cache_dir: str | None = opt(None, "reference statistics cache (default $XDG_CACHE_HOME/ectune or ~/.cache/ectune)")
+    out: str | None = opt(None, "results JSON (default: <run>/eval/<name>.json when the model is in a run folder)")
+    batch: int = opt(256, "images per sampling batch (results do not depend on it)")
+    encoder_batch: int = opt(50, "images per encoder batch")
+    class_label: int | None = opt(None, "class for conditional models (None = random per image)")
+    renoise: str = opt("ect", "consistency re-noising: ect (tau z) or ict (sqrt(tau^2 - sigma_min^2) z)")
+    S_churn: float = opt(0.0, "EDM stochasticity S_churn (heun / euler)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N (metrics are computed in fp32)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,5 +482,10 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("train_scalings", "sample_scalings"):
         if getattr(cfg.precond, name) not in ("edm", "cm"):
             raise ConfigError(f"precond.{name} must be edm or cm, got {getattr(cfg.precond, name)!r}")
+    if cfg.eval_every_nimg < 0 or cfg.eval_num_images < 2:
+        raise ConfigError("eval_every_nimg must be >= 0 and eval_num_images >= 2")
+    bad = set(cfg.eval_metrics.replace(" ", "").split(",")) - {"auto", "fid", "kid", "precision", "recall", "sw", "mmd"}
+    if bad:
+        raise ConfigError(f"unknown eval_metrics {sorted(bad)}: use fid, kid, precision, recall (images) or sw, mmd (2-D)")
     if cfg.method == "ect" and not cfg.teacher:
         raise ConfigError("ECT tuning needs a teacher: pass --teacher MODEL_DIR (a folder written by `ectune pretrain`)")

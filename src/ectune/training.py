@@ -13,6 +13,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ectune import config as config_mod
-from ectune.checkpoint import (ModelInfo, build_from_info, list_states, load_model, load_state, save_model, save_state,
-                               write_text_atomic)
+from ectune.checkpoint import (ModelInfo, list_states, load_model, load_state, remove_stale_temp_files, save_model,
+                               save_state, write_text_atomic)
 from ectune.config import TrainConfig
 from ectune.data import ArrayDataset, load_dataset, stream_indices
 from ectune.ema import EMAGroup, FixedEMA, PowerFunctionEMA
@@ -235,6 +237,7 @@ class TrainResult:
     model_dir: Path
     wall_s: float
     nonfinite_steps: int
+    interrupted: int | None = None  # the signal (SIGINT / SIGTERM) that stopped the run early, if any
 
 
 def _autocast(device: torch.device, precision: str):
@@ -292,8 +295,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     loss_fn = build_loss(cfg)
     nimg = 0
     if resume:
-        nimg_saved, path = list_states(run_dir)[-1]
-        state = load_state(path)
+        state, skipped = _latest_readable_state(run_dir)
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -318,6 +320,12 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     log = RunLog(run_dir, ddp.is_main)
+    if resume and ddp.is_main:
+        for path in remove_stale_temp_files(run_dir):
+            log.text(f"removed {path.relative_to(run_dir)}, left by a write that was killed")
+        for path, why in skipped:
+            log.text(f"skipped unreadable training state {path.name}: {why}")
+        _trim_stats(run_dir / "stats.jsonl", nimg)
     log.text(f"{'resuming' if resume else 'starting'} {cfg.method} at {nimg} images on {device} x {ddp.world}, "
              f"batch {cfg.batch} = {batch_gpu} x {ddp.world} processes x {accum} accumulation rounds")
     export_name = cfg.ema.export or next(iter(ema.nets()))
@@ -336,7 +344,10 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     loss_count = 0
     nonfinite_total, nonfinite_run = 0, 0
     params = [p for p in net.parameters() if p.requires_grad]
+    stop = _StopFlag()
+    interrupted: int | None = None
     try:
+        stop.install()
         while nimg < stop_at:
             lr = learning_rate(cfg, nimg)
             for g in optimizer.param_groups:
@@ -393,21 +404,112 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
                 t_log, nimg_log = now, nimg
                 loss_acc.zero_()
                 loss_count = 0
+            interrupted = stop.agreed(ddp, device)
             ckpt_due = cfg.checkpoint_every_nimg > 0 and nimg % cfg.checkpoint_every_nimg < cfg.batch
-            if ckpt_due or done:
+            if ckpt_due or done or interrupted:
                 _save(run_dir, cfg, nimg, net, ema, optimizer, info, export_name, ddp)
             preview_due = cfg.preview_every_nimg > 0 and nimg % cfg.preview_every_nimg < cfg.batch
             if ddp.is_main and (preview_due or (done and nimg >= cfg.total_nimg)):
                 from ectune.preview import write_preview
                 write_preview(run_dir / "samples" / f"preview-{nimg // 1000:06d}kimg.png", ema.nets()[export_name], info,
                               cfg.preview, device)
+            eval_due = cfg.eval_every_nimg > 0 and nimg % cfg.eval_every_nimg < cfg.batch
+            if ddp.is_main and (eval_due or (cfg.eval_every_nimg > 0 and done and nimg >= cfg.total_nimg)):
+                from ectune.evaluate import training_metrics
+                values = training_metrics(ema.nets()[export_name], info, cfg, device)
+                log.stats(nimg, values)
+                log.text(f"kimg {nimg / 1000:.1f} eval " + " ".join(f"{k} {v:.5g}" for k, v in values.items()))
+            if interrupted:
+                log.text(f"stopped by signal {interrupted} at {nimg} images; resume with --resume {run_dir}")
+                break
     finally:
+        stop.uninstall()
         if bar is not None:
             bar.close()
         log.close()
     wall = time.perf_counter() - t_start
     log.text(f"stopped at {nimg} images after {wall:.1f} s")
-    return TrainResult(run_dir=run_dir, nimg=nimg, model_dir=run_dir / "model", wall_s=wall, nonfinite_steps=nonfinite_total)
+    return TrainResult(run_dir=run_dir, nimg=nimg, model_dir=run_dir / "model", wall_s=wall, nonfinite_steps=nonfinite_total,
+                       interrupted=interrupted)
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM handlers that only raise a flag; the loop saves a training state and stops at the
+    end of the current step (all processes agree on it, so they save together)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def agreed(self, ddp: Dist, device: torch.device) -> int | None:
+        if ddp.world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag) or None
+
+
+def _latest_readable_state(run_dir: Path) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
+    """The newest training state that loads; unreadable newer ones are skipped (and reported)."""
+    skipped = []
+    for _, path in reversed(list_states(run_dir)):
+        try:
+            return load_state(path), skipped
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+    raise CheckpointError(f"no readable training state in {run_dir / 'checkpoints'}: start a new run")
+
+
+def _trim_stats(path: Path, nimg: int) -> None:
+    """Drop stats lines logged after the state a run resumes from (they are about to be replayed)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("nimg", 0) <= nimg:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def resume_or_start(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """``--resume auto``: resume the run in ``cfg.run_dir`` if it holds a training state, else start it
+    there. The same command can be relaunched after any kill (e.g. by torchrun's elastic restarts)."""
+    if not cfg.run_dir:
+        raise ConfigError("--resume auto needs --run-dir: the folder to resume from or start in")
+    run_dir = Path(cfg.run_dir)
+    if list_states(run_dir):
+        return train(cfg, resume=str(run_dir), progress=progress)
+    saved = run_dir / "config.json"
+    if saved.is_file():
+        # killed before its first checkpoint: start again, but only if it is the same run
+        try:
+            same = json.loads(saved.read_text(encoding="utf-8")) == json.loads(config_mod.to_json(cfg))
+        except json.JSONDecodeError:
+            same = False
+        if not same:
+            raise UserError(f"{run_dir} holds another run (its config.json differs): pick another --run-dir")
+        for name in ("config.json", "stats.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+    return train(cfg, progress=progress)
 
 
 def _save(run_dir: Path, cfg: TrainConfig, nimg: int, net: nn.Module, ema: EMAGroup, optimizer: torch.optim.Optimizer,

@@ -1,0 +1,127 @@
+"""Crash safety: kills at any moment, signals, unreadable states, relaunching the same command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ectune import config as C
+from ectune.checkpoint import list_states
+from ectune.training import resume_or_start, train
+
+TINY = ["--preset", "toy2d", "--batch", "64", "--data.max_items", "2048", "--log_every_nimg", "128",
+        "--checkpoint_every_nimg", "256", "--keep_checkpoints", "3", "--preview.num_images", "16",
+        "--network.kwargs", '{"dim": 2, "hidden_dim": 32, "num_blocks": 1, "dropout": 0.1}', "--no-progress"]
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "ectune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, **kw)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def wait_for(pred, timeout: float = 120.0) -> None:
+    t0 = time.time()
+    while not pred():
+        if time.time() - t0 > timeout:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("ref")
+    p = cli("pretrain", *TINY, "--total_nimg", "12800", "--run-dir", str(tmp / "run"))
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    return tmp / "run"
+
+
+@pytest.mark.slow
+def test_sigkill_then_relaunch_same_command_is_exact(tmp_path, reference_run):
+    run = tmp_path / "run"
+    cmd = ("pretrain", *TINY, "--total_nimg", "12800", "--run-dir", str(run), "--resume", "auto")
+    kills = 0
+    for _ in range(3):
+        p = cli(*cmd)
+        wait_for(lambda: len(list_states(run)) > kills or p.poll() is not None)
+        if p.poll() is not None:
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+    assert kills >= 1
+    p = cli(*cmd)
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    assert_same_weights(reference_run, run)
+    nimgs = [json.loads(line)["nimg"] for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert nimgs == sorted(set(nimgs)), "stats replayed after a kill must not be duplicated"
+    assert not list(run.rglob("*.tmp")), "no temporary files left behind"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_then_resumes_exactly(tmp_path, reference_run):
+    run = tmp_path / "run"
+    p = cli("pretrain", *TINY, "--total_nimg", "12800", "--run-dir", str(run))
+    wait_for(lambda: (run / "stats.jsonl").is_file() or p.poll() is not None)
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(timeout=120)
+    err = p.stderr.read()
+    assert rc == 128 + signal.SIGTERM, err
+    assert "resume with --resume" in err
+    saved = [n for n, _ in list_states(run)]
+    assert saved and saved[-1] < 12800
+    p = cli("pretrain", "--resume", str(run), "--no-progress")
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    assert_same_weights(reference_run, run)
+
+
+def _cfg(tmp: Path, **over) -> C.TrainConfig:
+    base = {"batch": 64, "total_nimg": 1024, "data.max_items": 2048, "checkpoint_every_nimg": 256,
+            "keep_checkpoints": 4, "log_every_nimg": 128, "run_dir": str(tmp / "run"), "preview.num_images": 16,
+            "network.kwargs": json.dumps({"dim": 2, "hidden_dim": 32, "num_blocks": 1})}
+    base.update(over)
+    return C.apply_overrides(C.preset("toy2d", "edm"), base)
+
+
+def test_unreadable_latest_state_falls_back_to_the_previous(tmp_path):
+    full = train(_cfg(tmp_path / "a"), progress=False)
+    part = train(_cfg(tmp_path / "b"), progress=False, stop_after_nimg=768)
+    states = list_states(part.run_dir)
+    assert [n for n, _ in states] == [256, 512, 768]
+    states[-1][1].write_bytes(b"\x00garbage")  # e.g. a disk error
+    resumed = train(C.TrainConfig(), resume=str(part.run_dir), progress=False)
+    assert resumed.nimg == 1024
+    assert "skipped unreadable training state" in (part.run_dir / "log.txt").read_text()
+    assert_same_weights(full.run_dir, resumed.run_dir)
+
+
+def test_resume_auto_starts_resumes_and_refuses_another_run(tmp_path):
+    cfg = _cfg(tmp_path)
+    first = resume_or_start(cfg, progress=False)  # nothing there: starts
+    assert first.nimg == 1024
+    again = resume_or_start(cfg, progress=False)  # finished: resumes at the end, no extra step
+    assert again.nimg == 1024
+    other = _cfg(tmp_path, **{"optim.lr": 5e-4})
+    (tmp_path / "run" / "checkpoints").rename(tmp_path / "moved")
+    with pytest.raises(Exception, match="holds another run"):
+        resume_or_start(other, progress=False)
