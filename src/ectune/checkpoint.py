@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,36 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def check_new_folder(dest: Path, what: str) -> None:
+    """Refuse to write into ``dest`` unless it is absent or an empty folder (nothing is ever overwritten)."""
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"{dest} is a file: choose a new folder for the {what} (nothing was overwritten)")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise CheckpointError(f"{dest} already exists and is not empty: choose a new folder for the {what} "
+                              f"(nothing was overwritten)")
+
+
+def write_folder_atomic(dest: str | os.PathLike, what: str, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling of ``dest`` and rename it into place: ``dest`` ends up
+    complete or untouched (absent or empty)."""
+    dest = Path(dest)
+    check_new_folder(dest, what)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        write(tmp)
+        check_new_folder(dest, what)
+        try:
+            os.replace(tmp, dest)  # POSIX: also replaces an empty directory
+        except OSError:
+            dest.rmdir()
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -89,8 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["edm", "ect"], default=None,
                    help="what the network is: a diffusion model (edm) or a consistency model (ect); default: "
                         "read from the wrapper class")
+    p.add_argument("--scheduler", default=None,
+                   help="diffusers folders only: scheduler_config.json (or its folder) to use instead of the one "
+                        "found with the UNet")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=_cmd_convert)
+    p = sub.add_parser("export-diffusers", help="export a consistency model as a diffusers ConsistencyModelPipeline "
+                                                "folder (1 and 2 steps equal `ectune sample`)",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("model", help="model folder (or run folder) of a consistency model (ectune tune / train-ict)")
+    p.add_argument("dest", help="new (or empty) folder for the diffusers pipeline")
+    p.add_argument("--mid-sigma", type=float, default=None, help="2-step intermediate level (default: the model's)")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="starting noise level")
+    p.add_argument("--renoise", choices=["ect", "ict"], default="ect",
+                   help="re-noising before the second step: ect (tau z) or ict (sqrt(tau^2 - sigma_min^2) z)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=_cmd_export_diffusers)
     p = sub.add_parser("sample", help="generate images from a model folder", formatter_class=_HelpFormatter)
     p.add_argument("model", help="model folder (or run folder)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -199,7 +213,23 @@ def _cmd_convert(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     if overrides:
         raise UserError(f"convert takes no config options, got {', '.join(overrides)}")
+    if Path(args.src).is_dir():  # a pickle is a file: a folder can only be a diffusers model
+        from ectune.interop.diffusers import cli_convert_diffusers
+
+        if args.method not in (None, "edm"):
+            raise UserError("a diffusers UNet2DModel is a diffusion model: drop --method (or pass --method edm)")
+        return cli_convert_diffusers(args.src, args.dest, args.scheduler)
+    if args.scheduler is not None:
+        raise UserError("--scheduler applies to diffusers folders only")
     return cli_convert(args.src, args.dest, args.method)
+
+
+def _cmd_export_diffusers(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from ectune.interop.diffusers import cli_export_diffusers
+
+    if overrides:
+        raise UserError(f"export-diffusers takes no config options, got {', '.join(overrides)}")
+    return cli_export_diffusers(args.model, args.dest, args.mid_sigma, args.sigma_max, args.renoise)
 
 
 def main(argv: list[str] | None = None) -> int:

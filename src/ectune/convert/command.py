@@ -3,47 +3,22 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from ectune.checkpoint import save_model
+from ectune.checkpoint import check_new_folder, save_model, write_folder_atomic
 from ectune.convert.mapping import ConvertedNetwork, convert_network
 from ectune.convert.safe_pickle import load_pickle
-from ectune.errors import CheckpointError
 
 __all__ = ["cli_convert", "convert_checkpoint"]
 
 
-def _check_dest(dest: Path) -> None:
-    if dest.exists() and not dest.is_dir():
-        raise CheckpointError(f"{dest} is a file: choose a new folder for the converted model "
-                              f"(nothing was overwritten)")
-    if dest.is_dir() and any(dest.iterdir()):
-        raise CheckpointError(f"{dest} already exists and is not empty: choose a new folder for the converted model "
-                              f"(nothing was overwritten)")
-
-
 def _convert(src: str | os.PathLike, dest: str | os.PathLike, method: str | None) -> tuple[Path, ConvertedNetwork]:
     src, dest = Path(src), Path(dest)
-    _check_dest(dest)
+    check_new_folder(dest, "converted model")
     converted = convert_network(load_pickle(src), name=str(src), method=method)
-
-    # Everything that can fail on bad input has failed by now; write a temporary sibling folder and
+    # Everything that can fail on bad input has failed by now: write a temporary sibling folder and
     # rename it into place, so DEST is either absent/empty or complete.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        save_model(tmp, converted.net, converted.info)
-        _check_dest(dest)
-        try:
-            os.replace(tmp, dest)  # POSIX: also replaces an empty directory
-        except OSError:
-            dest.rmdir()
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_folder_atomic(dest, "converted model", lambda tmp: save_model(tmp, converted.net, converted.info))
     return dest, converted
 
 

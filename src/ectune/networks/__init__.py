@@ -12,6 +12,7 @@ import inspect
 from torch import nn
 
 from ectune.errors import ConfigError
+from ectune.interop.diffusers_unet import DiffusersUNet  # imports diffusers only when built (optional extra)
 from ectune.networks.dropout import DropoutMasks, SharedDropout, record_dropout, replay_dropout
 from ectune.networks.edm2unet import EDM2UNet
 from ectune.networks.mlp import MLP
@@ -29,7 +30,8 @@ __all__ = [
     "replay_dropout",
 ]
 
-NETWORKS: dict[str, type[nn.Module]] = {"songunet": SongUNet, "mlp": MLP, "edm2unet": EDM2UNet}
+NETWORKS: dict[str, type[nn.Module]] = {"songunet": SongUNet, "mlp": MLP, "edm2unet": EDM2UNet,
+                                        "diffusers_unet": DiffusersUNet}
 
 
 def build_network(name: str, **kwargs) -> nn.Module:
