@@ -458,8 +458,8 @@ class EDM2UNet(nn.Module):
             0 = no head (the official ECT ImageNet-64 models have none).
 
     ``forward(x, noise_labels, class_labels) -> F`` is the U-Net's; :meth:`logvar` evaluates the head.
-    Note that the head takes no part in ``forward``: data-parallel training that does not use it
-    needs ``find_unused_parameters`` or ``logvar_channels=0``.
+    Note that the head takes no part in ``forward``: ectune's training loop freezes it
+    (``requires_grad=False`` on ``logvar_*``), so data-parallel training does not wait for its gradients.
     """
 
     def __init__(
