@@ -1,0 +1,300 @@
+"""``ectune plot``: PNG figures of one or more runs, from the files the runs already hold.
+
+- ``training.png``: the loss and every metric logged during training (stats.jsonl: "fid", "kid",
+  "sw", ...) against images seen, one line per run.
+- ``steps.png``: a metric (FID, else FD-DINOv2, else SW) against network evaluations per sample, from
+  the results ``ectune eval`` writes into ``<run>/eval/*.json`` (single settings and
+  ``--steps-sweep``). An ECT run's teacher (its config's ``teacher``) is drawn beside it when the
+  teacher's run folder holds results. One line per (model, sampler, N, encoder, reference): FIDs at
+  different N are not comparable, so they are never joined.
+- ``mid.png``: the ``--search-mid`` scans (metric against the 2-step intermediate level).
+- ``samples.png``: the latest preview of each run side by side, when more than one run is given.
+
+Figures go to ``--out`` (default ``<first run>/plots/``), each written atomically. A line of
+stats.jsonl that does not parse (a run being written) is skipped; results files that are not
+ectune eval results are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ectune.checkpoint import atomic_write
+from ectune.errors import UserError
+
+METRIC_KEYS = ("fid", "fd_dinov2", "kid", "precision", "recall", "sw", "mmd")
+STEP_METRICS = ("fid", "fd_dinov2", "sw", "mmd", "kid")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_stats(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/stats.jsonl`` (lines that do not parse are skipped)."""
+    path = run_dir / "stats.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("nimg"), (int, float)):
+            out.append(record)
+    return out
+
+
+def read_results(run_dir: Path) -> list[dict[str, Any]]:
+    """The ``ectune eval`` results in ``run_dir/eval/*.json``, in name order."""
+    folder = run_dir / "eval"
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            _warn(f"skipping {path}: not valid JSON ({e})")
+            continue
+        if not isinstance(data, dict) or data.get("format") != "ectune-eval" or not isinstance(data.get("results"), list):
+            _warn(f"skipping {path}: not an ectune eval results file")
+            continue
+        out.append(data)
+    return out
+
+
+def teacher_run(run_dir: Path) -> Path | None:
+    """The run folder of an ECT run's teacher, if its config names one that is a run's model folder."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    teacher = cfg.get("teacher") if isinstance(cfg, dict) else None
+    if not isinstance(teacher, str) or not teacher:
+        return None
+    path = Path(teacher)
+    if not path.is_absolute() and not path.exists():
+        path = run_dir / path  # relative to where the run was started: try beside the run too
+    for candidate in (path, path.parent):
+        if (candidate / "stats.jsonl").is_file() or (candidate / "eval").is_dir():
+            return candidate
+    return None
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def matplotlib_ticker() -> Any:
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training(stats: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Loss and logged metrics against images seen, one panel per quantity; False if nothing to draw."""
+    keys = [k for k in ("loss", *METRIC_KEYS) if any(k in r for records in stats.values() for r in records)]
+    if not keys:
+        return False
+    plt = _pyplot()
+    top = max((r["nimg"] for records in stats.values() for r in records), default=0)
+    scale, unit = (1e6, "millions") if top >= 1e6 else (1e3, "thousands")
+    cols = min(len(keys), 3)
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for label, records in stats.items():
+            pts = sorted((r["nimg"], r[key]) for r in records if isinstance(r.get(key), (int, float)))
+            pts = [(n, v) for n, v in pts if math.isfinite(v)]
+            if pts:
+                ax.plot([n / scale for n, _ in pts], [v for _, v in pts], marker="." if len(pts) < 30 else None,
+                        label=label)
+        ax.set_title(key)
+        ax.set_xlabel(f"images seen ({unit})")
+        if key == "loss" or key in ("fid", "fd_dinov2", "mmd"):
+            values = [r[key] for records in stats.values() for r in records
+                      if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if values and min(values) > 0:
+                ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if len(stats) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def _series_key(res: dict[str, Any], row: dict[str, Any]) -> tuple:
+    enc = (res.get("encoder") or {}).get("name", "points")
+    data = res.get("data") or {}
+    return (res.get("source"), row.get("method"), res.get("num_images"), enc, data.get("id"))
+
+
+def _step_metric(results: Sequence[dict[str, Any]]) -> str | None:
+    for key in STEP_METRICS:
+        if any(key in row for res in results for row in res["results"]):
+            return key
+    return None
+
+
+def plot_steps(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Metric against NFE, one line per (model, sampler, N, encoder, reference); False if none."""
+    usable = {label: [r for r in rs if r.get("mode") in ("single", "steps_sweep") and r.get("source_kind") == "model"]
+              for label, rs in results.items()}
+    metric = _step_metric([r for rs in usable.values() for r in rs])
+    if metric is None:
+        return False
+    series: dict[tuple, dict[str, Any]] = {}
+    for label, rs in usable.items():
+        for res in rs:
+            for row in res["results"]:
+                value, n = row.get(metric), row.get("nfe")
+                if not isinstance(value, (int, float)) or not isinstance(n, int) or not math.isfinite(value):
+                    continue
+                key = (label, *_series_key(res, row))
+                entry = series.setdefault(key, {"points": {}, "label": f"{label}: {row['method']}, N={res['num_images']}"})
+                entry["points"][n] = value  # a later file with the same setting replaces an earlier one
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for entry in series.values():
+        xs = sorted(entry["points"])
+        ax.plot(xs, [entry["points"][x] for x in xs], marker="o", label=entry["label"])
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib_ticker().FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel(metric)
+    if metric in ("fid", "fd_dinov2") and all(v > 0 for e in series.values() for v in e["points"].values()):
+        ax.set_yscale("log")
+    ax.set_title(f"{metric} against sampling steps")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_mid(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """The --search-mid scans: metric against the 2-step intermediate level; False if none."""
+    scans = [(label, r) for label, rs in results.items() for r in rs if r.get("mode") == "search_mid" and r.get("best")]
+    if not scans:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    metrics = set()
+    for label, res in scans:
+        by = res["best"]["by"]
+        metrics.add(by)
+        pts = sorted((row["sigmas"][0], row[by]) for row in res["results"]
+                     if row.get("sigmas") and isinstance(row.get(by), (int, float)) and math.isfinite(row[by]))
+        if not pts:
+            continue
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label}, N={res['num_images']}")
+        ax.plot([res["best"]["mid_sigma"]], [res["best"][by]], marker="*", markersize=14, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("intermediate noise level of 2-step sampling")
+    ax.set_ylabel(" / ".join(sorted(metrics)))
+    ax.set_title("2-step intermediate level scan (star: best)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def latest_preview(run_dir: Path) -> Path | None:
+    """The newest samples/preview-*.png of a run (names sort by images seen)."""
+    previews = sorted((run_dir / "samples").glob("preview-*.png")) if (run_dir / "samples").is_dir() else []
+    return previews[-1] if previews else None
+
+
+def compose_samples(previews: dict[str, Path], path: Path) -> bool:
+    """The given preview PNGs side by side with their run names as titles; False if fewer than 2."""
+    if len(previews) < 2:
+        return False
+    from PIL import Image
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(previews), figsize=(4.5 * len(previews), 4.5), squeeze=False)
+    for ax, (label, file) in zip(axes[0], previews.items()):
+        with Image.open(file) as im:
+            ax.imshow(im.convert("RGB"))
+        ax.set_title(f"{label}: {file.stem.removeprefix('preview-')}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> list[Path]:
+    """Write the figures of the module docstring for ``run_dirs``; returns the files written.
+
+    Raises:
+        UserError: a run folder does not exist, or none of them holds anything to plot.
+    """
+    runs = [Path(r) for r in run_dirs]
+    for run in runs:
+        if not run.is_dir():
+            raise UserError(f"{run} is not a folder: pass run folders (they hold stats.jsonl and eval/)")
+    labels = _labels(runs)
+    stats = {labels[r]: read_stats(r) for r in runs}
+    results = {labels[r]: read_results(r) for r in runs}
+    for run in runs:  # the teachers of ECT runs, for FID against steps
+        teacher = teacher_run(run)
+        if teacher is not None and teacher.resolve() not in {r.resolve() for r in runs}:
+            found = read_results(teacher)
+            if found:
+                results.setdefault(f"{teacher.name} (teacher)", found)
+    if not any(stats.values()) and not any(results.values()):
+        names = ", ".join(str(r) for r in runs)
+        raise UserError(f"nothing to plot in {names}: no stats.jsonl records and no eval/*.json results "
+                        f"(write results with `ectune eval RUN_DIR`)")
+    folder = Path(out) if out is not None else runs[0] / "plots"
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file: pass a folder for the PNGs")
+    written = []
+    for name, draw, data in (("training.png", plot_training, stats), ("steps.png", plot_steps, results),
+                             ("mid.png", plot_mid, results)):
+        if draw(data, folder / name):
+            written.append(folder / name)
+    previews = {labels[r]: p for r in runs if (p := latest_preview(r)) is not None}
+    if compose_samples(previews, folder / "samples.png"):
+        written.append(folder / "samples.png")
+    return written
+
+
+def _labels(runs: Sequence[Path]) -> dict[Path, str]:
+    """Run names for legends: the folder name, with its parent where two runs share a name."""
+    names = [r.resolve().name for r in runs]
+    return {r: (f"{r.resolve().parent.name}/{n}" if names.count(n) > 1 else n) for r, n in zip(runs, names)}
+
+
+def cli_plot(run_dirs: Sequence[str], out: str | None = None) -> int:
+    """``ectune plot``: write the figures and list them."""
+    written = plot_runs(run_dirs, out)
+    if not written:
+        print("nothing to draw: the runs hold no loss, metric or eval records yet")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+

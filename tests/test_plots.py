@@ -1,0 +1,124 @@
+"""``ectune plot``: figures from synthetic run folders (stats.jsonl, eval results, previews)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ectune.cli import main
+from ectune.plots import plot_runs, read_stats, teacher_run
+
+
+def _results(source: str, mode: str, rows: list[dict], n: int = 1000, best: dict | None = None) -> dict:
+    out = {"format": "ectune-eval", "schema_version": 1, "source": source, "source_kind": "model", "mode": mode,
+           "num_images": n, "encoder": {"name": "inception_v3", "file_hash": "0" * 64},
+           "data": {"id": "mnist-train", "name": "mnist", "split": "train", "num_images": n},
+           "metrics": ["fid", "kid"], "results": rows}
+    if best:
+        out["best"] = best
+    return out
+
+
+def _row(method: str, steps: int, nfe: int, fid: float, sigmas=()) -> dict:
+    return {"method": method, "steps": steps, "nfe": nfe, "sigmas": list(sigmas), "fid": fid, "kid": fid / 1000}
+
+
+def _run(root: Path, name: str, *, teacher: str | None = None, fid_every: int = 2) -> Path:
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"method": "ect" if teacher else "edm", "teacher": teacher}))
+    lines = []
+    for i in range(1, 11):
+        lines.append(json.dumps({"nimg": 12800 * i, "kimg": 12.8 * i, "loss": 1.0 / i, "lr": 1e-4}))
+        if i % fid_every == 0:
+            lines.append(json.dumps({"nimg": 12800 * i, "kimg": 12.8 * i, "fid": 100.0 / i, "kid": 0.1 / i,
+                                     "kid_std": 0.001, "eval_s": 3.0}))
+    (run / "stats.jsonl").write_text("\n".join(lines) + '\n{"nimg": 140800, "lo')  # a half-written last line
+    (run / "samples").mkdir()
+    for k in (0, 128):
+        img = np.full((40, 60, 3), 40 * (k // 128 + 1), np.uint8)
+        Image.fromarray(img).save(run / "samples" / f"preview-{k:06d}kimg.png")
+    return run
+
+
+@pytest.fixture()
+def runs(tmp_path) -> tuple[Path, Path]:
+    teacher = _run(tmp_path, "edm-mnist")
+    (teacher / "model").mkdir()
+    student = _run(tmp_path, "ect-mnist", teacher=str(teacher / "model"))
+    (teacher / "eval" / "heun.json").write_text(json.dumps(_results(
+        str(teacher), "steps_sweep", [_row("heun", 5, 9, 30.0), _row("heun", 10, 19, 12.0), _row("heun", 18, 35, 8.0)])))
+    (student / "eval" / "sweep.json").write_text(json.dumps(_results(
+        str(student), "steps_sweep", [_row("consistency", 1, 1, 20.0), _row("consistency", 2, 2, 10.0, [0.821])])))
+    (student / "eval" / "sweep-small-n.json").write_text(json.dumps(_results(
+        str(student), "single", [_row("consistency", 2, 2, 25.0, [0.821])], n=100)))
+    grid = [0.2, 0.4, 0.821, 1.5]
+    (student / "eval" / "mid.json").write_text(json.dumps(_results(
+        str(student), "search_mid", [_row("consistency", 2, 2, f, [s]) for s, f in zip(grid, [14, 11, 10, 13])], n=200,
+        best={"by": "fid", "mid_sigma": 0.821, "fid": 10})))
+    (student / "eval" / "junk.json").write_text("{not json")
+    return teacher, student
+
+
+def _is_png(path: Path) -> bool:
+    with Image.open(path) as im:
+        return im.format == "PNG" and im.width > 100 and im.height > 100
+
+
+def test_stats_reader_skips_a_half_written_line(runs):
+    records = read_stats(runs[1])
+    assert len(records) == 15 and sum("fid" in r for r in records) == 5
+
+
+def test_teacher_is_found_from_the_run_config(runs):
+    assert teacher_run(runs[1]) == runs[0]
+    assert teacher_run(runs[0]) is None
+
+
+def test_plot_writes_all_figures_atomically(runs, tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert main(["plot", str(runs[1]), str(runs[0]), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    names = {"training.png", "steps.png", "mid.png", "samples.png"}
+    assert {p.name for p in out.iterdir()} == names  # no temporary files left behind
+    assert all(_is_png(out / n) for n in names)
+    assert printed.out.count("wrote ") == 4
+    assert "junk.json" in printed.err  # the unreadable results file is skipped with a warning
+
+
+def test_plot_defaults_to_the_run_folder_and_adds_the_teacher(runs, monkeypatch):
+    captured = {}
+    import ectune.plots as P
+
+    real = P.plot_steps
+
+    def spy(results, path):
+        captured.update(results)
+        return real(results, path)
+
+    monkeypatch.setattr(P, "plot_steps", spy)
+    written = plot_runs([runs[1]])
+    assert {p.name for p in written} == {"training.png", "steps.png", "mid.png"}  # one run: no composed samples
+    assert all(p.parent == runs[1] / "plots" for p in written)
+    assert set(captured) == {"ect-mnist", "edm-mnist (teacher)"}
+
+
+def test_plot_of_stats_only(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "stats.jsonl").write_text(json.dumps({"nimg": 512, "loss": 0.3, "sw": 0.1}) + "\n")
+    assert [p.name for p in plot_runs([run])] == ["training.png"]
+
+
+def test_plot_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "missing").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing to plot" in err
+    assert list((tmp_path / "empty").iterdir()) == []
