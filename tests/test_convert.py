@@ -11,6 +11,7 @@ run the payload while the converter does not.
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import math
 import os
@@ -553,3 +554,34 @@ def test_ectune_convert_command_and_its_errors(tmp_path, fake_persistence, capsy
     assert main(["convert", str(src), str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "config.json").read_text() == before
+
+
+def test_tune_a_converted_edm_model_with_the_cifar10_preset_in_one_command(tmp_path, fake_persistence):
+    """Issue: tuning a converted EDM model is one command with the cifar10 preset and an EDM-format zip."""
+    import zipfile
+
+    from PIL import Image
+
+    from ectune.cli import main
+
+    src = _write(tmp_path / "edm.pkl", _edm_snapshot(_songunet(), ""), fake_persistence)
+    assert main(["convert", str(src), str(tmp_path / "teacher")]) == 0
+    rng = np.random.default_rng(0)
+    labels = []
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as zf:
+        for i in range(256):
+            name = f"00000/img{i:08d}.png"
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+            zf.writestr(name, buf.getvalue())
+            labels.append([name, int(i % 3)])
+        zf.writestr("dataset.json", json.dumps({"labels": labels}))
+    run = tmp_path / "run"
+    assert main(["tune", "--preset", "cifar10", "--teacher", str(tmp_path / "teacher"), "--data.path",
+                 str(tmp_path / "data.zip"), "--data.use_labels", "true", "--total_nimg", "256", "--run-dir", str(run),
+                 "--preview.num_images", "4", "--no-progress"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["ect"]["q"] == 2.0 and saved["optim"]["name"] == "radam" and saved["network"]["dropout"] == 0.2
+    model = json.loads((run / "model" / "config.json").read_text())
+    assert model["precond"] == {"sigma_data": 0.5, "scalings": "cm", "sigma_min": 0.003}
+    assert model["network"]["kwargs"]["dropout"] == 0.2 and model["label_dim"] == 3
