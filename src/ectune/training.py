@@ -156,6 +156,8 @@ def _fit_kwargs_to_data(name: str, kwargs: dict, data: ArrayDataset) -> dict:
 
 
 def build_ema(cfg: TrainConfig, net: nn.Module) -> EMAGroup:
+    """The run's EMAs, started from ``net``'s current weights: for a tuning run that is the power-function
+    EMA's restart at the first tuning step (ECT ImageNet 64)."""
     members: list[FixedEMA | PowerFunctionEMA] = []
     if cfg.ema.beta is not None:
         members.append(FixedEMA(net, cfg.ema.beta))
@@ -288,9 +290,12 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         dist.barrier()
 
     net.to(device).train()
+    for pname, p in net.named_parameters():
+        if pname.startswith("logvar_"):
+            p.requires_grad_(False)  # EDM2's uncertainty head is not used by D(x, sigma): keep it out of DDP
     denoiser = Denoiser(net, sigma_data=cfg.precond.sigma_data, scalings=cfg.precond.train_scalings,
-                        sigma_min=cfg.precond.sigma_min).to(device)
-    ema = build_ema(cfg, net)
+                        sigma_min=cfg.precond.sigma_min)
+    ema = build_ema(cfg, net)  # copies of the network, already on the device
     optimizer = build_optimizer(cfg, net)
     loss_fn = build_loss(cfg)
     nimg = 0
@@ -300,17 +305,6 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         nimg = int(state["nimg"])
-        for e in ema.nets().values():
-            e.to(device)
-    else:
-        for e in ema.nets().values():
-            e.to(device)
-        for m in ema.members:
-            if isinstance(m, PowerFunctionEMA):
-                m.restart(net, 0)
-    for pname, p in net.named_parameters():
-        if pname.startswith("logvar_"):
-            p.requires_grad_(False)  # EDM2's uncertainty head is not used by D(x, sigma): keep it out of DDP
     if ddp.world > 1:
         _check_same_parameters(net)
     model: nn.Module = denoiser
