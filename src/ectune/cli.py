@@ -138,8 +138,14 @@ def resolve_train_config(args: argparse.Namespace, overrides: dict[str, Any]) ->
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UserError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise UserError(f"config file {path} is a folder: pass the path of a JSON file") from None
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path} is not UTF-8 text: pass a JSON file") from None
         except json.JSONDecodeError as e:
             raise UserError(f"config file {path} is not valid JSON ({e})") from None
+        except RecursionError:
+            raise UserError(f"config file {path} is nested too deeply to be a config") from None
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a JSON object")
         data.pop("method", None)
