@@ -156,8 +156,22 @@ def _read_model_info(folder: Path) -> ModelInfo:
         raise CheckpointError(f"{cfg_path} is missing or has a bad field ({e}): the model folder is damaged") from None
 
 
+# Models shipped inside the package, named ``builtin:NAME`` wherever a model folder is expected.
+BUILTIN_MODELS = {"mnist": "mnist-teacher"}
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_model(name: str) -> Path:
+    """The folder of the shipped model ``name`` (see BUILTIN_MODELS and its model card, README.md)."""
+    if name not in BUILTIN_MODELS:
+        raise CheckpointError(f"no built-in model {name!r}: choose one of {', '.join(BUILTIN_MODELS)}")
+    return Path(__file__).resolve().parent / "assets" / BUILTIN_MODELS[name]
+
+
 def resolve_model_folder(path: str | os.PathLike) -> Path:
-    """Accept a model folder or a run folder (whose model/ subfolder is used)."""
+    """Accept a model folder, a run folder (whose model/ subfolder is used) or ``builtin:NAME``."""
+    if str(path).startswith(BUILTIN_PREFIX):
+        return builtin_model(str(path)[len(BUILTIN_PREFIX):])
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist: pass a model folder (with config.json and model.safetensors)")

@@ -180,6 +180,17 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         result = train(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {result.run_dir}\nmodel: {result.model_dir}\nimages seen: {result.nimg}")
+        saved = json.loads((Path(result.run_dir) / "config.json").read_text(encoding="utf-8"))
+        saved.pop("schema_version", None)
+        run_cfg = C.from_dict(C.TrainConfig, saved)
+        if run_cfg.report_num_images and not result.interrupted:
+            from ectune.report import write_tune_report
+
+            print(f"report: sampling the teacher and the tuned model on {run_cfg.report_num_images} seeds ...")
+            report = write_tune_report(result.run_dir, run_cfg, train_wall_s=result.wall_s, nimg=result.nimg)
+            print(report.read_text(encoding="utf-8"))
+            print(f"report: {report}\ngrids: {Path(result.run_dir) / 'grid-side-by-side.png'} (and grid-*.png)\n"
+                  f"results: {Path(result.run_dir) / 'results.json'}")
     if result.interrupted:
         print(f"stopped by signal {result.interrupted} after saving a training state: resume with "
               f"--resume {result.run_dir}", file=sys.stderr)

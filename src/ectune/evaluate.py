@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 import ectune
-from ectune.checkpoint import ModelInfo, load_model, resolve_model_folder, write_text_atomic
+from ectune.checkpoint import BUILTIN_PREFIX, ModelInfo, load_model, resolve_model_folder, write_text_atomic
 from ectune.config import EvalConfig, SampleConfig, TrainConfig
 from ectune.data import TOY_DATASETS, ArrayDataset, load_dataset, sample_toy
 from ectune.errors import ConfigError, DataError, UserError
@@ -415,7 +415,7 @@ def evaluate(cfg: EvalConfig, *, encoder: Encoder | None = None, progress: bool 
         raise ConfigError(f"--out must end in .json, got {cfg.out}")
     if not cfg.source:
         raise ConfigError("name what to evaluate: a model folder, or a folder / .zip / .npz of images")
-    src = Path(cfg.source)
+    src = resolve_model_folder(cfg.source) if cfg.source.startswith(BUILTIN_PREFIX) else Path(cfg.source)
     if not src.exists():
         raise UserError(f"{src} does not exist: pass a model folder, or a folder / .zip / .npz of images")
 
