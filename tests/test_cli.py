@@ -108,6 +108,7 @@ def test_missing_data_package_message(monkeypatch):
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     (b"{nope", "not valid JSON"),
     (b"[1, 2]", "must hold a JSON object"),
+    (b'{"seed": ' + b"9" * 5000 + b"}", "cannot read"),
 ])
 def test_bad_config_file_one_line_error(tmp_path, content, message):
     cfg = tmp_path / "cfg.json"

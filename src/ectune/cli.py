@@ -146,6 +146,8 @@ def resolve_train_config(args: argparse.Namespace, overrides: dict[str, Any]) ->
             raise UserError(f"config file {path} is not valid JSON ({e})") from None
         except RecursionError:
             raise UserError(f"config file {path} is nested too deeply to be a config") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise UserError(f"config file {path} holds a value Python cannot read ({e})") from None
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a JSON object")
         data.pop("method", None)
