@@ -631,3 +631,18 @@ def test_toy_shapes() -> None:
     assert (x - centres).norm(dim=1).max().item() < 6 * D._GAUSS_STD
     with raises_data_error("unknown 2-D toy", "swissroll"):
         sample_toy("spiral", 3, g)
+
+
+def test_dataset_moved_with_to_gives_the_same_batches() -> None:
+    """The training loop moves a dataset to the GPU with ``to``; its batches (images, one-hot labels,
+    flips drawn from the same generator) equal those of the original, and the index follows the data."""
+    data = ArrayDataset("t", torch.randint(0, 256, (50, 1, 4, 4), dtype=torch.uint8), torch.arange(50) % 3, 3)
+    moved = data.to("cpu")
+    assert moved is not data and moved.label_dim == 3
+    idx = stream_indices(len(data), seed=1, start=7, count=16)
+    x0, y0 = data.batch(idx, xflip=True, generator=torch.Generator().manual_seed(3))
+    x1, y1 = moved.batch(idx.tolist(), xflip=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    meta = data.to("meta")  # no copy of the values: only where the index goes is checked
+    x2, y2 = meta.batch(idx, device="meta")
+    assert x2.device.type == "meta" and x2.shape == (16, 1, 4, 4) and y2.shape == (16, 3)

@@ -84,6 +84,19 @@ def test_fixed_ema_rejects_bad_beta(beta):
         FixedEMA(TinyNet(), beta)
 
 
+def test_fixed_ema_of_a_net_in_another_dtype_takes_the_per_tensor_path():
+    """The fused update needs matching dtypes; a float32 net averaged into a float64 copy still
+    follows the recursion (the per-tensor fallback)."""
+    beta = 0.75
+    net = TinyNet(1.0)
+    ema = FixedEMA(net, beta)
+    net.float().fill(3.0)
+    ema.update(net, nimg=1, batch=1)
+    expected = beta * 1.0 + (1 - beta) * 3.0
+    assert params(ema.ema).dtype == torch.float64
+    torch.testing.assert_close(params(ema.ema), torch.full((8,), expected, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # PowerFunctionEMA.
 

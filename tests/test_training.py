@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -153,3 +154,52 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     # and the run really changed the weights (the comparison is not between two untouched inits)
     init = train(dataclasses.replace(cfg, run_dir=str(tmp_path / "init"), total_nimg=64), progress=False)
     assert any(not torch.allclose(w1[k], weights(init.model_dir)[k]) for k in w1)
+
+
+TINY_UNET = {"img_resolution": 8, "in_channels": 1, "out_channels": 1, "model_channels": 8, "channel_mult": [1, 2],
+             "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.1}
+
+
+def _digits_cfg(tmp: Path, name: str, **over) -> C.TrainConfig:
+    cfg = C.preset("mnist", "edm")
+    return C.apply_overrides(cfg, {"data.name": "digits", "network.kwargs": json.dumps(TINY_UNET), "batch": 16,
+                                   "total_nimg": 32, "precision": "fp32", "checkpoint_every_nimg": 0,
+                                   "preview.num_images": 4, "run_dir": str(tmp / name), **over})
+
+
+def test_channels_last_trains_the_same_model(tmp_path, monkeypatch):
+    """channels_last changes only the memory layout: two steps give the same weights (to conv
+    round-off), the export is a plain contiguous safetensors file that loads."""
+    from ectune.precond import Denoiser
+
+    layouts: list[bool] = []
+    forward = Denoiser.forward
+
+    def spy(self, x, *args, **kwargs):  # is every conv weight with several input channels channels_last?
+        convs = [p for p in self.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+        layouts.append(all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs))
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Denoiser, "forward", spy)
+    plain = train(_digits_cfg(tmp_path, "plain"), progress=False)
+    assert layouts and not any(layouts)
+    layouts.clear()
+    cl = train(_digits_cfg(tmp_path, "cl", channels_last=True), progress=False)
+    assert layouts and all(layouts)
+    a, b = weights(plain.model_dir), weights(cl.model_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert all(v.is_contiguous() for v in b.values())
+    load_model(cl.model_dir)
+
+
+def test_compile_option_trains(tmp_path):
+    """--compile runs the student pass through torch.compile (static shapes) and ends with a model."""
+    pytest.importorskip("torch._inductor")
+    cfg = tiny_cfg(tmp_path, "edm", compile=True, total_nimg=64 * 2, checkpoint_every_nimg=0)
+    result = train(cfg, progress=False)
+    losses = [row["loss"] for row in map(json.loads, (result.run_dir / "stats.jsonl").read_text().splitlines())
+              if "loss" in row]
+    assert losses and all(map(math.isfinite, losses))
+    assert (result.model_dir / "model.safetensors").is_file()

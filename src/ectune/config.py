@@ -100,7 +100,9 @@ class TrainConfig:
     seed: int = opt(0, "random seed: data order, noise and dropout are functions of (seed, images seen)")
     precision: str = opt("fp32", "fp32 or bf16 (autocast)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
-    compile: bool = opt(False, "torch.compile the network")
+    compile: bool = opt(False, "torch.compile the student pass (static shapes; no faster on a CPU, see docs/PERFORMANCE.md)")
+    channels_last: bool = opt(False, "keep the network and batches in channels_last memory format (image networks; "
+                                     "slower with bf16 on a CPU, see docs/PERFORMANCE.md)")
     run_dir: str | None = opt(None, "run folder (default runs/<method>-<preset>-<time>)")
     log_every_nimg: int = opt(12_800, "log and write stats every this many images")
     checkpoint_every_nimg: int = opt(256_000, "save a training state every this many images (0 = only at the end)")

@@ -51,6 +51,7 @@ problem and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import importlib.util
@@ -139,6 +140,12 @@ class ArrayDataset:
     def is_image(self) -> bool:
         return self.data.dtype == torch.uint8
 
+    def to(self, device: torch.device | str) -> ArrayDataset:
+        """The same dataset held on ``device`` (the training loop keeps it on the GPU when it fits, so
+        a batch is an index into device memory: no host copy, no transfer per step)."""
+        labels = None if self.labels is None else self.labels.to(device)
+        return dataclasses.replace(self, data=self.data.to(device), labels=labels)
+
     def batch(
         self,
         index: torch.Tensor,
@@ -161,7 +168,7 @@ class ArrayDataset:
             ``x``: float32 ``(B, *shape)``, images scaled to [-1, 1] by ``x / 127.5 - 1``, vectors
             as stored; ``labels``: float32 one-hot ``(B, label_dim)``, or None.
         """
-        index = torch.as_tensor(index, dtype=torch.int64).cpu()
+        index = torch.as_tensor(index, dtype=torch.int64).to(self.data.device)
         x = self.data[index].to(device)
         if self.is_image:
             x = x.to(torch.float32) / 127.5 - 1

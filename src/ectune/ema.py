@@ -28,8 +28,12 @@ def _copy_frozen(net: nn.Module) -> nn.Module:
 @torch.no_grad()
 def _lerp_into(ema: nn.Module, net: nn.Module, beta: float) -> None:
     """p_ema <- beta p_ema + (1 - beta) p_net, for parameters; buffers are copied."""
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p_net.detach().to(p_ema.dtype), 1.0 - beta)
+    ema_params, net_params = list(ema.parameters()), [p.detach() for p in net.parameters()]
+    if all(a.dtype == b.dtype and a.device == b.device for a, b in zip(ema_params, net_params)):
+        torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)  # one fused call, not one per tensor
+    else:
+        for p_ema, p_net in zip(ema_params, net_params):
+            p_ema.lerp_(p_net.to(p_ema.dtype), 1.0 - beta)
     for b_ema, b_net in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b_net)
 
