@@ -118,6 +118,35 @@ def test_nonfinite_loss_stops_with_clear_error(tmp_path, monkeypatch):
         train(cfg, progress=False)
 
 
+def test_nonfinite_gradient_skips_the_step(tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient (sqrt at 0 times 0) skips its step: counted in the stats, the
+    weights untouched by it, the run goes on; the same fault every step stops the run."""
+    from ectune import losses
+
+    good = losses.EDMLoss.__call__
+
+    def nan_grad_at_second_step(self, denoiser, x, labels, nimg, generator):
+        loss = good(self, denoiser, x, labels, nimg, generator)
+        if nimg == 64:
+            loss = loss + (loss * 0).sqrt()  # value unchanged and finite, gradient NaN
+        return loss
+
+    monkeypatch.setattr(losses.EDMLoss, "__call__", nan_grad_at_second_step)
+    res = train(tiny_cfg(tmp_path, total_nimg=64 * 4, checkpoint_every_nimg=64, keep_checkpoints=4), progress=False)
+    rows = [json.loads(line) for line in (res.run_dir / "stats.jsonl").read_text().splitlines()]
+    assert rows[-1]["nonfinite_steps"] == 1 and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(v).all() for v in weights(res.model_dir).values())
+    states = {n: load_state(path)["net"] for n, path in list_states(res.run_dir)}
+    assert sorted(states) == [64, 128, 192, 256]
+    assert all(torch.equal(states[64][k], states[128][k]) for k in states[64])  # step 2 was skipped
+    assert not all(torch.equal(states[128][k], states[192][k]) for k in states[64])  # step 3 was taken
+
+    monkeypatch.setattr(losses.EDMLoss, "__call__",
+                        lambda self, d, x, labels, nimg, gen: (good(self, d, x, labels, nimg, gen) * 0).sqrt())
+    with pytest.raises(UserError, match="3 consecutive steps had a non-finite loss or gradient"):
+        train(tiny_cfg(tmp_path / "all", max_nonfinite_steps=3), progress=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # DDP: 2 processes x micro-batch 32 == 1 process x 2 accumulation rounds x 32.
 

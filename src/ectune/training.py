@@ -394,11 +394,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
                 step_loss += total.detach().to(torch.float64)
             if ddp.world > 1:
                 dist.all_reduce(step_loss)
-            finite = bool(torch.isfinite(step_loss))
+            finite = bool(torch.isfinite(step_loss)) and _grads_finite(params)  # grads agree across ranks
             if finite:
-                for p in params:
-                    if p.grad is not None:
-                        torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
                 if cfg.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                 optimizer.step()
@@ -408,9 +405,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
             else:
                 nonfinite_total += 1
                 nonfinite_run += 1
-                log.text(f"non-finite loss at {nimg} images: step skipped ({nonfinite_run} in a row)")
+                log.text(f"non-finite loss or gradient at {nimg} images: step skipped ({nonfinite_run} in a row)")
                 if nonfinite_run >= cfg.max_nonfinite_steps:
-                    raise UserError(f"{nonfinite_run} consecutive steps had a non-finite loss at {nimg} images: lower "
+                    raise UserError(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient at {nimg} images: lower "
                                     f"--optim.lr or use --precision fp32; the last good checkpoint is in {run_dir}")
             nimg += cfg.batch
             ema.update(net, nimg, cfg.batch)
@@ -457,6 +454,16 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     log.text(f"stopped at {nimg} images after {wall:.1f} s")
     return TrainResult(run_dir=run_dir, nimg=nimg, model_dir=run_dir / "model", wall_s=wall, nonfinite_steps=nonfinite_total,
                        interrupted=interrupted)
+
+
+def _grads_finite(params: list[nn.Parameter]) -> bool:
+    """Whether every gradient entry is finite: one fused max-abs per device and dtype, one sync."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    flags = [torch.stack(torch._foreach_norm(g, ord=math.inf)).isfinite().all().cpu() for g in groups.values()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class _StopFlag:
