@@ -142,7 +142,7 @@ class ArrayDataset:
 
     def to(self, device: torch.device | str) -> ArrayDataset:
         """The same dataset held on ``device`` (the training loop keeps it on the GPU when it fits, so
-        a batch is an index into device memory: no host copy, no transfer per step)."""
+        a batch is an index into device memory: no host copy, only the indices are transferred)."""
         labels = None if self.labels is None else self.labels.to(device)
         return dataclasses.replace(self, data=self.data.to(device), labels=labels)
 

@@ -300,7 +300,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     if len(data) < batch_gpu:
         raise DataError(f"{cfg.data.name} has {len(data)} items, fewer than one micro-batch ({batch_gpu}): lower --batch")
     if device.type == "cuda" and data.data.nbytes <= DATA_ON_DEVICE_BYTES:
-        data = data.to(device)  # batches become index ops on the GPU: nothing crosses the bus per step
+        data = data.to(device)  # a batch is an index op on the GPU: only the indices cross the bus
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
     net, info, _ = network_info(cfg, data)
     run_dir = Path(resume) if resume else prepare_run_dir(cfg)
