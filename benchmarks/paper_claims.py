@@ -34,6 +34,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -48,7 +49,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = "builtin:mnist"
 TEACHER_PRETRAIN_NIMG = 1_627_904  # src/ectune/assets/mnist-teacher/README.md
-SECTIONS = ("teacher", "ect", "ict", "toy2d", "flow", "scaling", "ablations", "ict_long")
+SECTIONS = ("teacher", "ect", "ict", "toy2d", "flow", "scaling", "ablations", "ict_long", "noise")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ class Plan:
 # every FID at N = 200 costs about a minute; ECT trained at ~45 images/s on one thread.
 PLANS = {
     "full": Plan(n_eval=200, ect_nimg=16_384, ect_points=(4_096, 8_192, 16_384), ict_nimg=(16_384,),
-                 ict_long_nimg=(49_152,), scaling_nimg=(2_048, 4_096, 8_192, 16_384), ablation_nimg=4_096,
+                 ict_long_nimg=(49_152,), scaling_nimg=(2_048, 4_096, 8_192, 16_384, 32_768), ablation_nimg=4_096,
                  toy_pretrain_nimg=1_024_000, toy_ect_nimg=256_000, toy_points=4, toy_n_eval=4_000,
                  flow_steps=3_000, flow_seeds=(0, 1, 2)),
     "quick": Plan(n_eval=50, ect_nimg=2_048, ect_points=(1_024, 2_048), ict_nimg=(2_048,), ict_long_nimg=(),
@@ -195,6 +196,19 @@ def flow_sw_curve(model: nn.Module, sample_steps: tuple[int, ...], *, n: int = 4
     return {k: sliced_wasserstein(euler_sample(model, z, k).double(), ref) for k in sample_steps}
 
 
+def truth_sw_floor(n: int, *, data: str = "swissroll", draws: int = 5) -> dict[str, float]:
+    """SW_2 between ``n`` fresh points of the true distribution and the ``n`` reference points that
+    models are scored against: the value a perfect sampler would get (mean and std over draws)."""
+    from ectune.data import sample_toy
+    from ectune.evaluate import TOY_REFERENCE_SEED
+    from ectune.metrics import sliced_wasserstein
+
+    ref = sample_toy(data, n, torch.Generator().manual_seed(TOY_REFERENCE_SEED)).double()
+    vals = [sliced_wasserstein(sample_toy(data, n, torch.Generator().manual_seed(7 + i)).double(), ref)
+            for i in range(draws)]
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": n, "draws": draws}
+
+
 # ---------------------------------------------------------------------------------------------
 # Training and scoring with the library.
 
@@ -210,7 +224,13 @@ def train_points(cfg, points: tuple[int, ...], score) -> tuple[list[dict[str, An
     from ectune.config import TrainConfig
     from ectune.training import train
 
+    from ectune import config as C
+
     run_dir = Path(cfg.run_dir)
+    done = _finished_run(run_dir, C.to_json(cfg), cfg.total_nimg)
+    if done is not None and len(points) == 1:  # the same run, finished earlier (e.g. by a process that then died)
+        _log(f"  {run_dir.name}: reusing the finished run ({done:.0f} s of training)")
+        return [{**row, "nimg": cfg.total_nimg, "train_wall_s": done} for row in score(run_dir / "model", cfg.total_nimg)], done
     if run_dir.exists():
         shutil.rmtree(run_dir)
     rows, wall = [], 0.0
@@ -226,6 +246,19 @@ def train_points(cfg, points: tuple[int, ...], score) -> tuple[list[dict[str, An
     return rows, wall
 
 
+def _finished_run(run_dir: Path, cfg_json: str, total_nimg: int) -> float | None:
+    """Training seconds of a run folder that holds this exact config and its final model, else None."""
+    try:
+        same = json.loads((run_dir / "config.json").read_text(encoding="utf-8")) == json.loads(cfg_json)
+        nimg = json.loads((run_dir / "model" / "config.json").read_text(encoding="utf-8")).get("nimg")
+        stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError):
+        return None
+    if not same or nimg != total_nimg or not stats or stats[-1].get("nimg") != total_nimg:
+        return None
+    return float(stats[-1].get("wall_s", float("nan")))
+
+
 class ImageScorer:
     """FID/KID of a model folder at N images (seeds 0..N-1) against N MNIST training images."""
 
@@ -236,7 +269,7 @@ class ImageScorer:
         self.evaluator = build_evaluator("mnist", None, "train", n, (1, 28, 28), "fid,kid")
 
     @torch.no_grad()
-    def __call__(self, model_dir: str | Path, method: str, steps: int, sigmas=None) -> dict[str, Any]:
+    def __call__(self, model_dir: str | Path, method: str, steps: int, sigmas=None, seed: int = 0) -> dict[str, Any]:
         from ectune.checkpoint import load_model
         from ectune.preview import generate
         from ectune.sampling import nfe, to_uint8
@@ -244,7 +277,7 @@ class ImageScorer:
         denoiser, info = load_model(model_dir)
         t0 = time.perf_counter()
         parts = [to_uint8(generate(denoiser, info, method=method, steps=steps, sigmas=sigmas,
-                                   seeds=list(range(i, min(i + 250, self.n))))) for i in range(0, self.n, 250)]
+                                   seeds=list(range(seed + i, seed + min(i + 250, self.n))))) for i in range(0, self.n, 250)]
         sample_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         m = self.evaluator(torch.cat(parts))
@@ -334,6 +367,17 @@ class Bench:
     def ict_long(self) -> dict[str, Any]:
         return self.ict(self.plan.ict_long_nimg)
 
+    def noise(self) -> dict[str, Any]:
+        """How much FID at this N moves with the sampling seeds alone: the final main ECT model, 2 steps,
+        on seed sets 0.., 10000.., 20000.. (the reference images stay the same)."""
+        model = self.work / "ect-main"
+        if not (model / "model").is_dir():
+            raise SystemExit(f"section noise scores the main ECT run: run section ect first ({model})")
+        rows = [{**self.scorer(model, "consistency", 2, seed=seed), "seed": seed} for seed in (0, 10_000, 20_000)]
+        fids = [r["fid"] for r in rows]
+        _log(f"  FID of one model over 3 seed sets: {', '.join(f'{f:.2f}' for f in fids)}")
+        return {"rows": rows, "fid_mean": float(np.mean(fids)), "fid_std": float(np.std(fids, ddof=1))}
+
     # -- 2-D comparison -------------------------------------------------------------------------
 
     def toy2d(self) -> dict[str, Any]:
@@ -381,7 +425,7 @@ class Bench:
             rows += [{"method": "iCT", "budget": budget, "pretrain_nimg": 0, **x} for x in r]
         for row in rows:
             _log(f"    {row['method']} budget {row['budget']} at {row['nimg']}: {row['nfe']} NFE SW {row['sw']:.4f}")
-        return {"rows": rows, "train_wall_s": walls, "n": p.toy_n_eval}
+        return {"rows": rows, "train_wall_s": walls, "n": p.toy_n_eval, "truth_sw": truth_sw_floor(p.toy_n_eval)}
 
     # -- appendix toy: flow matching with adaptive weights --------------------------------------
 
@@ -396,13 +440,20 @@ class Bench:
                 rows += [{"p": pw, "seed": seed, "euler_steps": k, "sw": v, "train_s": time.perf_counter() - t0}
                          for k, v in curve.items()]
                 _log(f"  flow p={pw} seed {seed}: " + ", ".join(f"{k}:{v:.3f}" for k, v in curve.items()))
-        return {"rows": rows, "train_steps": p.flow_steps, "c": 1e-3, "n": 4000}
+        return {"rows": rows, "train_steps": p.flow_steps, "c": 1e-3, "n": 4000, "truth_sw": truth_sw_floor(4000)}
 
     # -- scaling and ablations ------------------------------------------------------------------
 
     def _ect_run(self, name: str, nimg: int, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        from ectune.errors import UserError
+
         cfg = mnist_ect_cfg(nimg, self.work / name, self.plan.stages, overrides)
-        rows, _ = train_points(cfg, (nimg,), self.scorer.two)
+        try:
+            rows, _ = train_points(cfg, (nimg,), self.scorer.two)
+        except UserError as e:  # e.g. 20 non-finite steps in a row: a result, not a crash of the benchmark
+            _log(f"    diverged: {e}")
+            return [{"nfe": 2, "steps": 2, "fid": None, "kid": None, "n": self.scorer.n,
+                     "nimg": nimg, "diverged": str(e)}]
         return rows
 
     def _reuse(self, nimg: int) -> list[dict[str, Any]] | None:
@@ -413,7 +464,7 @@ class Bench:
         base = [r for r in known.get("ablations", {}).get("rows", []) if not r["overrides"] and not r["reused"]]
         if base and known["ablations"]["nimg"] == nimg:
             return [{k: v for k, v in r.items() if k not in ("variant", "overrides", "reused")} for r in base]
-        for sec in ("ect", "scaling"):
+        for sec in ("ect", "scaling"):  # the file's scaling rows: an earlier scaling pass with the same plan
             rows = [r for r in known.get(sec, {}).get("rows", []) if r["nimg"] == nimg
                     and r.get("budget", self.plan.ect_nimg if sec == "ect" else None) == nimg]
             if rows:
@@ -493,6 +544,12 @@ def table1_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"method": f"ECT (from the teacher), {r['steps']} step{'s' * (r['steps'] > 1)}", "nfe": r["nfe"],
                         "train_nimg": r["nimg"], "total_nimg": r["nimg"] + r["pretrain_nimg"], "fid": r["fid"],
                         "kid": r["kid"], "n": r["n"]})
+    top = max((x["nimg"] for x in ect), default=0)
+    for r in res.get("scaling", {}).get("rows", []):  # longer ECT runs of the scaling section
+        if r["budget"] > top:
+            out.append({"method": f"ECT (from the teacher, scaling run), {r['steps']} step{'s' * (r['steps'] > 1)}",
+                        "nfe": r["nfe"], "train_nimg": r["nimg"], "total_nimg": r["nimg"] + TEACHER_PRETRAIN_NIMG,
+                        "fid": r["fid"], "kid": r["kid"], "n": r["n"]})
     for r in ict_rows(res):
         out.append({"method": f"iCT (from scratch), {r['steps']} step{'s' * (r['steps'] > 1)}", "nfe": r["nfe"],
                     "train_nimg": r["nimg"], "total_nimg": r["nimg"], "fid": r["fid"], "kid": r["kid"], "n": r["n"]})
@@ -531,6 +588,8 @@ def write_tables(res: dict[str, Any], out: Path) -> str:
         _write_csv(out / "toy2d.csv", rows)
         md += [f"### 2-D swiss roll: EDM teacher, ECT and iCT (sliced Wasserstein-2, {res['toy2d']['n']:,} points; "
                "lower is better)", "",
+               *([f"A perfect sampler (fresh draws of the truth) scores SW {res['toy2d']['truth_sw']['mean']:.4f} "
+                  f"(std {res['toy2d']['truth_sw']['std']:.4f}) at this N.", ""] if "truth_sw" in res["toy2d"] else []),
                "| method | budget (points) | points seen | incl. pretraining | NFE | SW | MMD |",
                "|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
@@ -545,6 +604,8 @@ def write_tables(res: dict[str, Any], out: Path) -> str:
         md += [f"### Flow matching on the swiss roll with the adaptive weight 1/(delta + c^2)^p "
                f"(c = {res['flow']['c']:g}, {res['flow']['train_steps']:,} Adam steps; SW-2 against "
                f"{res['flow']['n']:,} true points, mean over seeds)", "",
+               *([f"A perfect sampler (fresh draws of the truth) scores SW {res['flow']['truth_sw']['mean']:.4f}.", ""]
+                 if "truth_sw" in res["flow"] else []),
                "| p | " + " | ".join(f"{k} Euler step{'s' * (k > 1)}" for k in steps) + " |",
                "|---|" + "---:|" * len(steps)]
         for pw in sorted({r["p"] for r in rows}):
@@ -573,9 +634,19 @@ def write_tables(res: dict[str, Any], out: Path) -> str:
         for name in dict.fromkeys(r["variant"] for r in rows):
             one = next((r for r in rows if r["variant"] == name and r["steps"] == 1), {})
             two = next(r for r in rows if r["variant"] == name and r["steps"] == 2)
+            if two.get("diverged"):
+                at = re.search(r"at (\d+) images", two["diverged"])
+                md.append(f"| {name} | - | diverged{f' at {int(at.group(1)):,} images' if at else ''} | - | - |")
+                continue
             md.append(f"| {name} | {_fmt(one.get('fid'))} | {_fmt(two['fid'])} | {_fmt(one.get('kid'), 4)} | "
                       f"{_fmt(two['kid'], 4)} |")
         md.append("")
+    if "noise" in res:
+        rows = res["noise"]["rows"]
+        md += [f"### Seed noise: one model (the main ECT run, 2 steps) scored on 3 sets of sampling seeds, N = {rows[0]['n']:,}",
+               "", "| first seed | FID | KID |", "|---:|---:|---:|"]
+        md += [f"| {r['seed']:,} | {_fmt(r['fid'])} | {_fmt(r['kid'], 4)} |" for r in rows]
+        md += ["", f"Standard deviation of FID over seed sets: {res['noise']['fid_std']:.2f}.", ""]
     text = "\n".join(md)
     (out / "tables.md").write_text(text, encoding="utf-8")
     return text
@@ -583,6 +654,7 @@ def write_tables(res: dict[str, Any], out: Path) -> str:
 
 def write_figures(res: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -605,7 +677,7 @@ def write_figures(res: dict[str, Any], out: Path) -> list[Path]:
                             color="C0", label=f"ECT {steps}-step (one run)")
                 sc = sorted((r for r in res.get("scaling", {}).get("rows", []) if r["steps"] == steps),
                             key=lambda r: r["budget"])
-                if sc and not total:
+                if sc and not total and steps == 2:  # the scaling runs are scored with 2 steps
                     ax.plot([r["budget"] for r in sc], [r["fid"] for r in sc], "s" + ls, color="C2", alpha=0.7,
                             label=f"ECT {steps}-step (run per budget)")
                 ict = sorted((r for r in ict_rows(res) if r["steps"] == steps), key=lambda r: r["nimg"])
@@ -618,6 +690,7 @@ def write_figures(res: dict[str, Any], out: Path) -> list[Path]:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("images seen" + (" incl. the teacher's pretraining" if total else " in training (tuning for ECT)"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel(f"FID (N = {res.get('teacher', res.get('ect', {})).get('rows', [{'n': '?'}])[0].get('n')})")
         axes[0].legend(fontsize=7)
@@ -651,13 +724,15 @@ def write_figures(res: dict[str, Any], out: Path) -> list[Path]:
             steps = sorted({r["euler_steps"] for r in rows})
             vals = [np.mean([r["sw"] for r in rows if r["p"] == pw and r["euler_steps"] == k]) for k in steps]
             ax.plot(steps, vals, "o-", color=f"C{i}", label=f"p = {pw:g}")
+        if "truth_sw" in res["flow"]:
+            ax.axhline(res["flow"]["truth_sw"]["mean"], color="k", ls=":", lw=1, label="truth vs truth (floor)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("Euler steps (NFE)")
         ax.set_ylabel("sliced Wasserstein-2 to the swiss roll")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        ax.set_title("Flow matching with adaptive weight 1/(delta + c^2)^p")
+        ax.set_title("Flow matching, adaptive weight 1/(delta + c^2)^p", fontsize=10)
         save(fig, "flow_toy.png")
 
     if "toy2d" in res:
@@ -676,6 +751,8 @@ def write_figures(res: dict[str, Any], out: Path) -> list[Path]:
                 x = [r["nimg"] + r.get("pretrain_nimg", 0) for r in sel]
                 label = f"{method} {sel[0]['nfe']} NFE" + (f" (budget {budget:,})" if method == "iCT" else "")
                 ax.plot(x, [r["sw"] for r in sel], marker + ls, color=color, label=label)
+        if "truth_sw" in res["toy2d"]:
+            ax.axhline(res["toy2d"]["truth_sw"]["mean"], color="k", ls=":", lw=1, label="truth vs truth (floor)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("points seen, incl. pretraining for ECT")
@@ -703,7 +780,11 @@ def save_results(path: Path, mode: str, plan: Plan, sections: dict[str, Any], dr
     sections into one folder) and return all sections."""
     import fcntl
 
-    with open(path.with_suffix(".lock"), "w") as lock:
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"paper_claims-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = read_results(path)
         if old.get("mode") not in (None, mode):
@@ -759,9 +840,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.resume:
         bench.results = {k: v for k, v in read_results(res_path).get("sections", {}).items() if k in sections}
-    elif res_path.is_file():
-        # a fresh run replaces the sections it runs; sections run by another process stay
-        save_results(res_path, mode, plan, {}, drop=sections)
+    # Otherwise each section is replaced in results.json when it finishes; until then the old one stays,
+    # and scaling / ablations reuse its runs of the same configuration (training is deterministic:
+    # the same run done twice, in two processes, gave the same FID to the last digit).
     t_start = time.perf_counter()
     timings = {}
     for name in [s for s in SECTIONS if s in sections]:  # fixed order: later sections reuse earlier runs
