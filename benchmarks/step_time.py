@@ -4,8 +4,10 @@ side by side in one run, for the mnist preset network and EDM's CIFAR-10 DDPM++ 
 Each configuration is one optimiser step (forward, backward, RAdam update) on random data with the
 real loss classes. Configurations are interleaved round-robin so that machine noise hits them alike;
 the script prints one JSON line per configuration and the ratio of each step to the EDM step of the
-same network and precision. ``ect-fullbatch`` runs ECT's target pass on the whole batch, as the
-official code does (it cannot skip the samples whose r = 0), for comparison.
+same network and precision. ``ect-stage0-fullbatch`` runs ECT's target pass on the whole batch, as
+the official code does (it cannot skip the samples whose r = 0), for comparison; ``forward-nograd``
+is one forward pass without gradients, so 1 + its ratio is the least any whole-batch ECT step costs.
+Figures measured with it: docs/PERFORMANCE.md.
 
     python benchmarks/step_time.py                       # mnist net, fp32 and bf16, batch 128
     python benchmarks/step_time.py --nets cifar10 --repeats 3
