@@ -226,8 +226,13 @@ def test_channels_last_trains_the_same_model(tmp_path, monkeypatch):
 def test_compile_option_trains(tmp_path):
     """--compile runs the student pass through torch.compile (static shapes) and ends with a model."""
     pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     cfg = tiny_cfg(tmp_path, "edm", compile=True, total_nimg=64 * 2, checkpoint_every_nimg=0)
     result = train(cfg, progress=False)
+    assert counters["stats"]["unique_graphs"] >= 1  # the student pass really went through dynamo
     losses = [row["loss"] for row in map(json.loads, (result.run_dir / "stats.jsonl").read_text().splitlines())
               if "loss" in row]
     assert losses and all(map(math.isfinite, losses))
