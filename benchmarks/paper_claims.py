@@ -270,17 +270,16 @@ class ImageScorer:
 
     @torch.no_grad()
     def __call__(self, model_dir: str | Path, method: str, steps: int, sigmas=None, seed: int = 0) -> dict[str, Any]:
-        from ectune.checkpoint import load_model
-        from ectune.preview import generate
-        from ectune.sampling import nfe, to_uint8
+        from ectune.config import EvalConfig
+        from ectune.evaluate import Setting, sample_model
+        from ectune.sampling import nfe
 
-        denoiser, info = load_model(model_dir)
         t0 = time.perf_counter()
-        parts = [to_uint8(generate(denoiser, info, method=method, steps=steps, sigmas=sigmas,
-                                   seeds=list(range(seed + i, seed + min(i + 250, self.n))))) for i in range(0, self.n, 250)]
+        images, _ = sample_model(str(model_dir), Setting(method, steps, tuple(sigmas or ())),
+                                 EvalConfig(seed=seed, batch=250), self.n, progress=False)
         sample_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        m = self.evaluator(torch.cat(parts))
+        m = self.evaluator(images)
         return {"nfe": nfe(method, steps), "steps": steps, "fid": m["fid"], "kid": m["kid"], "kid_std": m["kid_std"],
                 "n": self.n, "sample_s": sample_s, "eval_s": time.perf_counter() - t0}
 

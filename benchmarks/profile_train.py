@@ -49,20 +49,13 @@ def main() -> None:
     ap.add_argument("--method", default="ect", choices=C.METHODS)
     ap.add_argument("--nimg", type=int, default=1280, help="images to train for (whole steps)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, e.g. batch=128 or ect.q=4 (JSON values)")
+                    help="config override, e.g. batch=128 or ect.q=4 (as on the ectune command line)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = C.preset(args.preset, args.method)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    cfg = C.apply_overrides(cfg, overrides)
+    cfg = C.apply_overrides(cfg, dict(item.partition("=")[::2] for item in args.set))  # coerced per key type
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(cfg, total_nimg=args.nimg, run_dir=f"{tmp}/run", report_num_images=0,
                                   checkpoint_every_nimg=0, preview_every_nimg=0, eval_every_nimg=0)
