@@ -22,12 +22,11 @@ import time
 
 import torch
 
-from ectune import config as C
 from ectune.networks import build_network
 from ectune.precond import Denoiser
 from ectune.sampling import PerImageNoise, consistency_sample, edm_sample
+from step_time import NETS  # the same networks (their dropout is idle here: sampling runs in eval mode)
 
-NETS = {"mnist": dict(C._MNIST_UNET, dropout=0.0), "cifar10": dict(C._CIFAR_DDPMPP, dropout=0.0)}
 SAMPLERS = {
     "ecm-1step": dict(nfe=1, run=lambda fn, noise: consistency_sample(fn, noise, [80.0])),
     "ecm-2step": dict(nfe=2, run=lambda fn, noise: consistency_sample(fn, noise, [80.0, 0.821])),
