@@ -61,3 +61,36 @@ def test_shortened_default_tune_writes_grids_results_and_report(tmp_path):
     assert len({p.shape for p in panels}) == 1 and side.shape[0] == panels[0].shape[0]
     assert side.shape[1] > 3 * panels[0].shape[1]
     assert not np.array_equal(panels[0], panels[1])  # teacher vs 1 step on the same seeds
+
+
+def _tune_targets():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("tune_targets", Path(__file__).resolve().parents[1] / "benchmarks" / "tune_targets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tune_targets_reuses_only_a_matching_teacher_eval(tmp_path):
+    """benchmarks/tune_targets.py --teacher-eval: the earlier teacher row is taken only when it scored the
+    same teacher, sampler, seeds, N and reference data; anything else stops with the reason."""
+    tt = _tune_targets()
+    row = {"method": "heun", "steps": 18, "nfe": 35, "fid": 12.5, "kid": 0.01}
+    prev = {"source": str(builtin_model("mnist")), "num_images": 500, "seed": 0,
+            "data": {"name": "mnist", "num_images": 500}, "results": [{**row, "steps": 9, "nfe": 17}, row]}
+    path = tmp_path / "teacher.json"
+
+    def check(**changes):
+        path.write_text(json.dumps({**prev, **changes}))
+        return tt.reuse_teacher_eval(path, "builtin:mnist", 500, "mnist")
+
+    assert check() == row
+    for changes, what in [({"num_images": 5000}, "num_images"), ({"seed": 7}, "seed"),
+                          ({"data": {"name": "fashion-mnist", "num_images": 500}}, "reference data"),
+                          ({"data": {"name": "mnist", "num_images": 60000}}, "reference size"),
+                          ({"source": str(tmp_path)}, "teacher"), ({"results": [prev["results"][0]]}, "Heun 18-step")]:
+        if what == "teacher":
+            (tmp_path / "config.json").write_text("{}")
+        with pytest.raises(SystemExit, match=what):
+            check(**changes)
