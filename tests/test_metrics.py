@@ -342,6 +342,18 @@ def test_inception_features_shape_determinism_and_grayscale(inception):
 
 
 @needs_inception
+def test_inception_channels_last_gives_the_same_features(inception):
+    """The default channels_last layout is a speed choice only: same features as the plain layout."""
+    assert inception.memory_format == torch.channels_last
+    plain = InceptionV3Encoder(batch_size=4, progress=False, channels_last=False)
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    a, b = inception(images), plain(images)
+    assert not inception.preprocess(images).is_contiguous() and plain.preprocess(images).is_contiguous()
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert (a - b).norm() / b.norm() < 1e-5
+
+
+@needs_inception
 def test_inception_preprocess_range(inception):
     images = torch.zeros(2, 3, 299, 299, dtype=torch.uint8)
     images[1] = 255
