@@ -76,7 +76,8 @@ class EMAConfig:
 @dataclass(frozen=True)
 class PreviewConfig:
     steps: int = opt(0, "preview sampler steps (0 = consistency 1/2-step for tune/ict, Heun 18 for pretrain)")
-    mid_sigma: float = opt(0.821, "2-step intermediate noise level of consistency previews")
+    mid_sigma: float = opt(0.821, "2-step intermediate noise level of consistency previews, the tune report and "
+                                   "the exported model (its default for `ectune sample` / `eval`)")
     num_images: int = opt(64, "images per preview grid")
 
 
@@ -202,14 +203,19 @@ def _mnist(method: str) -> TrainConfig:
     # `ectune tune` with no arguments tunes the teacher shipped in the package (its model card: ectune/assets/).
     if method != "ect":
         return cfg
-    # Sized to finish, report included, within 10 minutes on 2 CPU cores: 500 steps of 64 images.
-    # fp32, as bf16 autocast is no faster for this network on a CPU (~125 img/s either way).
+    # Sized to finish, report included, within 10 minutes on 2 CPU cores: 650 steps of 32 images
+    # (~80 img/s, ~4.4 min) and the report (~4.7 min, mostly Inception-v3 on 2,000 images).
+    # fp32, as bf16 autocast is no faster for this network on a CPU. Batch 32, 16 stages and the
+    # 2-step level 0.15 were chosen by a sweep (docs/TUNE_DEFAULT.md): more, smaller steps and quick
+    # stages make a better 1-step model here, and the 2-step sample is best with its second step from
+    # 0.1-0.2 rather than the image recipe's 0.821.
     return dataclasses.replace(
-        cfg, teacher="builtin:mnist", batch=64, total_nimg=32_000, precision="fp32",
+        cfg, teacher="builtin:mnist", batch=32, total_nimg=20_800, precision="fp32",
         network=NetworkConfig(name="songunet", dropout=0.1),
-        ect=dataclasses.replace(cfg.ect, q=2.0, stage_nimg=4_000),
-        optim=OptimConfig(name="radam", lr=4e-4), ema=EMAConfig(beta=0.99),
-        checkpoint_every_nimg=16_000, report_num_images=500)
+        ect=dataclasses.replace(cfg.ect, q=2.0, stage_nimg=1_300),
+        optim=OptimConfig(name="radam", lr=2.8e-4), ema=EMAConfig(beta=0.99),
+        preview=PreviewConfig(mid_sigma=0.15),
+        checkpoint_every_nimg=10_400, report_num_images=500)
 
 
 def _fashion(method: str) -> TrainConfig:
