@@ -174,7 +174,7 @@ class InceptionV3Encoder:
             device: where the network runs (fp32).
             progress: tqdm bar on (True), off (False), or only on a terminal (None).
             channels_last: run the network on channels_last tensors (same fp32 maths, features equal to
-                about 1e-6 relative; faster on a CPU, see benchmarks/encoder_speed.py).
+                about 1e-6 relative; 1.15x faster with one CPU thread here, see docs/PERFORMANCE.md).
         """
         resolved = Path(path) if path is not None else default_inception_path()
         if resolved is None or not resolved.is_file():
