@@ -3,25 +3,16 @@ command line. The benchmark itself takes minutes to hours; these pieces take sec
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_claims.py"
-
 
 @pytest.fixture(scope="module")
-def pc():
-    spec = importlib.util.spec_from_file_location("paper_claims", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["paper_claims"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def pc(benchmark_module):
+    return benchmark_module("paper_claims")
 
 
 @pytest.mark.parametrize("b", [-0.5, -0.13, 0.7])

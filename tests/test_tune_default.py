@@ -63,19 +63,10 @@ def test_shortened_default_tune_writes_grids_results_and_report(tmp_path):
     assert not np.array_equal(panels[0], panels[1])  # teacher vs 1 step on the same seeds
 
 
-def _tune_targets():
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("tune_targets", Path(__file__).resolve().parents[1] / "benchmarks" / "tune_targets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_tune_targets_reuses_only_a_matching_teacher_eval(tmp_path):
+def test_tune_targets_reuses_only_a_matching_teacher_eval(tmp_path, benchmark_module):
     """benchmarks/tune_targets.py --teacher-eval: the earlier teacher row is taken only when it scored the
     same teacher, sampler, seeds, N and reference data; anything else stops with the reason."""
-    tt = _tune_targets()
+    tt = benchmark_module("tune_targets")
     row = {"method": "heun", "steps": 18, "nfe": 35, "fid": 12.5, "kid": 0.01}
     prev = {"source": str(builtin_model("mnist")), "num_images": 500, "seed": 0,
             "data": {"name": "mnist", "num_images": 500}, "results": [{**row, "steps": 9, "nfe": 17}, row]}
