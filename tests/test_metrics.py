@@ -529,6 +529,64 @@ def test_cache_needs_enough_images_of_the_right_size(tmp_path):
         _stats(tmp_path, CountingImages(size=10))
 
 
+def _ship(folder, features, **changes):
+    """A shipped reference entry (float16 features) for _stats' dataset, with provenance ``changes``."""
+    from ectune.metrics.store import write_entry
+
+    npz, sidecar = cache_paths(folder, "toy/digits train", "fake", 50)
+    prov = dict(dataset_id="toy/digits train", dataset_hash="abc123", n=50, encoder="fake", encoder_hash="f" * 64,
+                feature_dim=3, resolution=8)
+    write_entry(npz, sidecar, {"features": np.asarray(features, np.float16)}, {**prov, **changes})
+    return folder
+
+
+def test_shipped_features_are_used_after_encoding_the_first_images_again(tmp_path):
+    from ectune.metrics.reference import SHIPPED_CHECK
+
+    images = CountingImages()
+    true = FakeEncoder()(images.images[:50]).numpy()
+    shipped = _ship(tmp_path / "shipped", true)
+    encoded = []
+
+    class Counting(FakeEncoder):
+        def __call__(self, x):
+            encoded.append(len(x))
+            return super().__call__(x)
+
+    got = _stats(tmp_path / "cache", images, encoder=Counting(), shipped_dirs=[shipped])
+    assert encoded == [SHIPPED_CHECK] and got.from_cache and "(shipped;" in got.provenance["from_shipped"]
+    np.testing.assert_allclose(got.features, true, rtol=1e-3)
+    again = _stats(tmp_path / "cache", images, encoder=Counting(), shipped_dirs=[shipped])
+    assert encoded == [SHIPPED_CHECK] and again.from_cache  # now an ordinary cache hit
+    np.testing.assert_array_equal(again.features, got.features)
+
+
+@pytest.mark.parametrize("what", ["other images", "other data", "other weights"])
+def test_shipped_features_that_do_not_check_out_are_ignored(tmp_path, what):
+    images = CountingImages()
+    true = FakeEncoder()(images.images[:50]).numpy()
+    if what == "other images":
+        shipped = _ship(tmp_path / "shipped", true[::-1] + 1.0)
+    elif what == "other data":
+        shipped = _ship(tmp_path / "shipped", true, dataset_hash="def456")
+    else:
+        shipped = _ship(tmp_path / "shipped", true, encoder_hash="0" * 64)
+    got = _stats(tmp_path / "cache", images, shipped_dirs=[shipped])
+    assert not got.from_cache and "from_shipped" not in got.provenance
+    np.testing.assert_array_equal(got.features, true)
+
+
+def test_features_agree_admits_float16_rounding_not_other_images():
+    from ectune.metrics.store import features_agree
+
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.normal(size=(16, 2048))).astype(np.float32)
+    assert features_agree(feats, feats.astype(np.float16))
+    assert not features_agree(feats, feats[::-1])
+    assert not features_agree(feats * 1.01, feats)
+    assert not features_agree(feats[:8], feats)
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end: FID of real data against real data
 

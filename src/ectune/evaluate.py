@@ -61,6 +61,10 @@ TOY_REFERENCE_SEED = 20_240_601
 SIGMA_MAX = 80.0
 
 
+SHIPPED_FEATURES = Path(__file__).resolve().parent / "assets" / "reference"
+"""Reference features shipped with the package (MNIST train at the tune report's N), used on a cache miss."""
+
+
 def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/ectune, or ~/.cache/ectune."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -184,16 +188,24 @@ class Evaluator:
                     out["mmd"] = mmd_rbf(x, self.reference)
                 return out
             t0 = time.perf_counter()
-            feats = torch.as_tensor(self.encoder(samples)).float()
+            feats = self.encode(samples)
             seconds = time.perf_counter() - t0
-            ref = self.reference
-            values = compute_metrics(feats, ref.features, self.metrics, ref_stats=ref.stats,
-                                     kid_subset_size=self.kid_subset_size, pr_k=self.pr_k)
+            out = self.score_features(feats)
         except ValueError as e:  # features of the wrong size or with NaN: a broken encoder or model
             raise DataError(f"cannot compute {', '.join(self.metrics)}: {e}") from None
-        out = {metric_key(k, self.encoder.name): v for k, v in values.items()}
         out["encode_img_per_s"] = samples.shape[0] / max(seconds, 1e-9)
         return out
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 features (N, d) of uint8 images with this evaluator's encoder."""
+        return torch.as_tensor(self.encoder(images)).float()
+
+    def score_features(self, feats: torch.Tensor | np.ndarray) -> dict[str, float]:
+        """The image metrics of generated features (N, d) from :meth:`encode` (or a cache of them)."""
+        ref = self.reference
+        values = compute_metrics(torch.as_tensor(feats).float(), ref.features, self.metrics, ref_stats=ref.stats,
+                                 kid_subset_size=self.kid_subset_size, pr_k=self.pr_k)
+        return {metric_key(k, self.encoder.name): v for k, v in values.items()}
 
 
 def build_evaluator(name: str, path: str | None, split: str, n_ref: int, shape: tuple[int, ...], metrics: str, *,
@@ -231,9 +243,11 @@ def build_evaluator(name: str, path: str | None, split: str, n_ref: int, shape: 
     chosen = resolve_metrics(metrics, True, encoder.name)
     digest = dataset_hash(data.data)
     ref = reference_stats(ds_id, digest, lambda _n: data.data, n, encoder, cache_dir or default_cache_dir(),
-                          resolution=data.shape[-1])
+                          resolution=data.shape[-1], shipped_dirs=[SHIPPED_FEATURES])
     info = {"name": name, "path": path, "split": split, "id": ds_id, "num_images": n, "hash": digest,
             "from_cache": ref.from_cache}
+    if "from_shipped" in ref.provenance:
+        info["from_shipped"] = ref.provenance["from_shipped"]
     return Evaluator(chosen, data.shape, ref, encoder, info, kid_subset_size=kid_subset_size)
 
 

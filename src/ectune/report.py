@@ -4,20 +4,25 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ectune.checkpoint import load_model, write_text_atomic
+from ectune.checkpoint import load_model, resolve_model_folder, write_text_atomic
 from ectune.config import TrainConfig
-from ectune.evaluate import build_evaluator
+from ectune.evaluate import build_evaluator, default_cache_dir
 from ectune.images import grid, save_png, save_scatter, side_by_side
+from ectune.metrics.encoders import sha256_file
+from ectune.metrics.store import features_agree, read_entry, write_entry
 from ectune.preview import generate
 from ectune.sampling import to_uint8
 
 GRID_IMAGES = 64
+logger = logging.getLogger(__name__)
 
 
 def _settings(mid_sigma: float) -> dict[str, dict[str, Any]]:
@@ -27,30 +32,116 @@ def _settings(mid_sigma: float) -> dict[str, dict[str, Any]]:
                                 sigmas=[mid_sigma])}
 
 
+TEACHER_CACHE_FORMAT = 1
+TEACHER_CHECK_SEEDS = 16
+"""Teacher samples drawn and encoded again to check a cached teacher row before it is used."""
+_TEACHER_KEYS = ("format", "teacher_weights_sha256", "teacher_config_sha256", "method", "steps", "sigmas", "seeds",
+                 "encoder", "encoder_hash", "feature_dim")
+
+
+def _teacher_entry(folder: Path, s: dict[str, Any], n: int, encoder) -> tuple[dict[str, Any], list[tuple[Path, Path]]]:
+    """The provenance a cached teacher row must have, and where to look for one: shipped beside the
+    teacher (report-cache/), then the user's metric cache."""
+    expected = {"format": TEACHER_CACHE_FORMAT, "teacher_weights_sha256": sha256_file(folder / "model.safetensors"),
+                "teacher_config_sha256": sha256_file(folder / "config.json"), "method": s["method"],
+                "steps": s["steps"], "sigmas": s.get("sigmas", []), "seeds": [0, n], "encoder": encoder.name,
+                "encoder_hash": encoder.file_hash, "feature_dim": encoder.feature_dim}
+    stem = f"teacher-{s['method']}{s['steps']}-n{n}-{encoder.name}"
+    user = default_cache_dir() / f"{stem}-{expected['teacher_weights_sha256'][:16]}"
+    shipped = folder / "report-cache" / stem
+    return expected, [(d.with_suffix(".npz"), d.with_suffix(".json")) for d in (shipped, user)]
+
+
+def images_agree(fresh: np.ndarray, stored: np.ndarray) -> bool:
+    """uint8 images equal up to the last-bit differences of another CPU or thread count: no pixel
+    more than 2 levels apart, and at most 1% of pixels different at all."""
+    diff = np.abs(fresh.astype(np.int16) - stored.astype(np.int16))
+    return fresh.shape == stored.shape and int(diff.max(initial=0)) <= 2 and float((diff > 0).mean()) <= 0.01
+
+
+def _cached_teacher_row(denoiser, minfo, s: dict[str, Any], folder: Path, n: int, evaluator,
+                        device) -> tuple[torch.Tensor, np.ndarray, str] | None:
+    """(images, features, where) of a matching cached teacher row whose first seeds, sampled and
+    encoded again, agree with it; else None."""
+    expected, places = _teacher_entry(folder, s, n, evaluator.encoder)
+    shapes = {"images": (n, *minfo.data_shape), "features": (n, evaluator.encoder.feature_dim)}
+    k = min(TEACHER_CHECK_SEEDS, n)
+    for npz_path, json_path in places:
+        entry = read_entry(npz_path, json_path, expected, _TEACHER_KEYS, shapes)
+        if entry is None or entry[0]["images"].dtype != np.uint8:
+            continue
+        images, feats = entry[0]["images"], entry[0]["features"].astype(np.float32)
+        fresh = to_uint8(generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"),
+                                  seeds=list(range(k)), device=device)).cpu().numpy()
+        if not images_agree(fresh, images[:k]):
+            logger.warning("cached teacher samples %s differ from the teacher's on seeds 0..%d: sampling again",
+                           npz_path, k - 1)
+            continue
+        if not features_agree(evaluator.encode(torch.from_numpy(images[:k])).numpy(), feats[:k]):
+            logger.warning("cached teacher features %s differ from this encoder's: encoding again", npz_path)
+            continue
+        return torch.from_numpy(images), feats, f"{npz_path} (seeds 0..{k - 1} sampled and encoded again, agreeing)"
+    return None
+
+
+def _save_teacher_row(folder: Path, s: dict[str, Any], n: int, evaluator, images: torch.Tensor,
+                      feats: torch.Tensor) -> None:
+    """Cache the teacher row in the user's metric cache (float16 features), for the next report."""
+    expected, places = _teacher_entry(folder, s, n, evaluator.encoder)
+    npz_path, json_path = places[-1]
+    try:
+        write_entry(npz_path, json_path, {"images": images.numpy(), "features": feats.numpy().astype(np.float16)},
+                    dict(expected, teacher=str(folder)))
+    except OSError as exc:  # a read-only cache costs time next run, not this report
+        logger.warning("could not cache the teacher row in %s (%s)", npz_path.parent, exc)
+
+
 @torch.no_grad()
 def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: float, nimg: int,
                       encoder=None, batch: int = 250, device: str | torch.device = "cpu") -> Path:
     """Sample the teacher and the tuned model (run_dir/model) on seeds 0..N-1, N = cfg.report_num_images,
-    score each against N training items, and write report.md, results.json and the grids. Returns report.md."""
+    score each against N training items, and write report.md, results.json and the grids. Returns report.md.
+
+    The teacher's row (images and Inception features) is cached: shipped beside the teacher for the
+    default report, and in the user's metric cache after a first report. A cached row is used only
+    if its provenance matches (teacher weights, sampler, seeds, encoder) and its first 16 seeds,
+    sampled and encoded again here, agree with it."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     n = cfg.report_num_images
     models = {"teacher": load_model(cfg.teacher, device=device), "student": load_model(run_dir / "model", device=device)}
     info = models["student"][1]
+    shape = tuple(info.data_shape)
+    evaluator = build_evaluator(cfg.data.name, cfg.data.path, "train", n, shape, "auto", encoder=encoder)
+    teacher_folder = resolve_model_folder(cfg.teacher)
+    cacheable = evaluator.is_image and all((teacher_folder / f).is_file() for f in ("model.safetensors", "config.json"))
     rows, samples = [], {}
     for title, s in _settings(info.mid_sigma).items():
         denoiser, minfo = models[s["model"]]
         start = time.perf_counter()
-        parts = [generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"),
-                          seeds=list(range(i, min(i + batch, n))), device=device) for i in range(0, n, batch)]
-        x = torch.cat(parts).cpu()
-        samples[title] = to_uint8(x) if x.ndim == 4 else x.float()
-        rows.append({"name": title, "grid": f"grid-{s['slug']}.png", "nfe": s["nfe"], "method": s["method"], "steps": s["steps"],
-                     "sigmas": s.get("sigmas", []), "sample_s": time.perf_counter() - start})
-    shape = tuple(info.data_shape)
-    evaluator = build_evaluator(cfg.data.name, cfg.data.path, "train", n, shape, "auto", encoder=encoder)
-    for row in rows:
-        row.update(evaluator(samples[row["name"]]))
+        row = {"name": title, "grid": f"grid-{s['slug']}.png", "nfe": s["nfe"], "method": s["method"],
+               "steps": s["steps"], "sigmas": s.get("sigmas", [])}
+        teacher = s["model"] == "teacher" and cacheable
+        cached = _cached_teacher_row(denoiser, minfo, s, teacher_folder, n, evaluator, device) if teacher else None
+        if cached is not None:
+            samples[title], feats, row["from_cache"] = cached
+            row["sample_s"] = time.perf_counter() - start
+            row.update(evaluator.score_features(feats))
+        else:
+            parts = [generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"),
+                              seeds=list(range(i, min(i + batch, n))), device=device) for i in range(0, n, batch)]
+            x = torch.cat(parts).cpu()
+            samples[title] = to_uint8(x) if x.ndim == 4 else x.float()
+            row["sample_s"] = time.perf_counter() - start
+            if teacher:
+                t1 = time.perf_counter()
+                feats = evaluator.encode(samples[title])
+                row["encode_img_per_s"] = n / max(time.perf_counter() - t1, 1e-9)
+                row.update(evaluator.score_features(feats))
+                _save_teacher_row(teacher_folder, s, n, evaluator, samples[title], feats)
+            else:
+                row.update(evaluator(samples[title]))
+        rows.append(row)
     # grids on the same seeds
     if len(shape) == 3:
         panels = []
@@ -92,5 +183,8 @@ def format_report(results: dict[str, Any]) -> str:
         vals = " | ".join(f"{row[m]:.4g}" for m in metrics)
         ratio = row[first] / rows[0][first] if rows[0][first] else float("nan")
         lines.append(f"| {row['name']} | {row['nfe']} | {vals} | {ratio:.2f}x ({first}) |")
-    lines += ["", "Samples on the same seeds (teacher, 1 step, 2 steps): `grid-side-by-side.png`.", ""]
+    lines += ["", "Samples on the same seeds (teacher, 1 step, 2 steps): `grid-side-by-side.png`."]
+    lines += [f"The {row['name']} row's samples and features are from the cache {row['from_cache']}."
+              for row in rows if row.get("from_cache")]
+    lines.append("")
     return "\n".join(lines)

@@ -11,19 +11,19 @@ determines the features matches (dataset id and hash, n, encoder name and weight
 dimension, resolution, ectune version, cache format) and the .npz is intact (its sha256 matches
 the sidecar and the arrays have the right shapes); otherwise it is recomputed and overwritten.
 Both files are written to a temporary file and moved into place with os.replace, so a reader sees
-either the old file or the new one, never a partial one.
+either the old file or the new one, never a partial one (:mod:`ectune.metrics.store`).
+
+On a miss, features shipped with the package (``shipped_dirs``: float16 features under the same
+name, for a small default such as MNIST at N = 500) are used instead of encoding, once the first
+``SHIPPED_CHECK`` images encoded again agree with them; they are then cached like computed ones.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,15 @@ import torch
 
 import ectune
 from ectune.errors import DataError
-from ectune.metrics.encoders import Encoder, as_uint8_images, sha256_file
+from ectune.metrics.encoders import Encoder, as_uint8_images
 from ectune.metrics.frechet import FeatureStats
+from ectune.metrics.store import features_agree, read_entry, write_entry
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+SHIPPED_CHECK = 16
+"""Images encoded again to check shipped features before they are used."""
 
 # Provenance fields that must all match for a cache to be reused.
 _KEY_FIELDS = (
@@ -82,51 +85,38 @@ def cache_paths(cache_dir: str | os.PathLike[str], dataset_id: str, encoder_name
     return directory / f"{stem}.npz", directory / f"{stem}.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_cache(npz_path: Path, json_path: Path, expected: dict[str, Any]) -> ReferenceStats | None:
     """The cached entry if it exists, matches ``expected`` and is intact; else None (and why, in the log)."""
-    if not npz_path.is_file() or not json_path.is_file():
-        return None
-    try:
-        provenance = json.loads(json_path.read_text())
-    except (OSError, ValueError) as exc:
-        logger.warning("reference cache %s unreadable (%s): recomputing", json_path, exc)
-        return None
-    if not isinstance(provenance, dict):
-        logger.warning("reference cache %s is not a JSON object: recomputing", json_path)
-        return None
-    mismatched = [k for k in _KEY_FIELDS if provenance.get(k) != expected[k]]
-    if mismatched:
-        logger.info("reference cache %s has other provenance (%s): recomputing", json_path, ", ".join(mismatched))
-        return None
-    if sha256_file(npz_path) != provenance.get("npz_sha256"):
-        logger.warning("reference cache %s does not match its recorded sha256: recomputing", npz_path)
-        return None
     n, d = expected["n"], expected["feature_dim"]
-    try:
-        with np.load(npz_path, allow_pickle=False) as z:
-            features, mu, sigma = z["features"], z["mu"], z["sigma"]
-    except (OSError, ValueError, KeyError) as exc:
-        logger.warning("reference cache %s unreadable (%s): recomputing", npz_path, exc)
+    entry = read_entry(npz_path, json_path, expected, _KEY_FIELDS,
+                       {"features": (n, d), "mu": (d,), "sigma": (d, d)})
+    if entry is None:
         return None
-    if features.shape != (n, d) or mu.shape != (d,) or sigma.shape != (d, d):
-        logger.warning("reference cache %s has wrong array shapes: recomputing", npz_path)
-        return None
-    stats = FeatureStats(mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), n=n)
-    return ReferenceStats(stats=stats, features=features.astype(np.float32), provenance=provenance, from_cache=True)
+    arrays, provenance = entry
+    stats = FeatureStats(mu=arrays["mu"].astype(np.float64), sigma=arrays["sigma"].astype(np.float64), n=n)
+    return ReferenceStats(stats=stats, features=arrays["features"].astype(np.float32), provenance=provenance,
+                          from_cache=True)
+
+
+def _read_shipped(shipped_dirs: Sequence[Path], stem: str, expected: dict[str, Any],
+                  images: torch.Tensor, encoder: Encoder) -> tuple[np.ndarray, str] | None:
+    """Features of a shipped entry (float16, no statistics) whose key fields other than the ectune
+    version match, checked by encoding its first images again; else None."""
+    n, d = expected["n"], expected["feature_dim"]
+    keys = [k for k in _KEY_FIELDS if k not in ("format", "ectune_version")]
+    for folder in shipped_dirs:
+        npz_path, json_path = Path(folder) / f"{stem}.npz", Path(folder) / f"{stem}.json"
+        entry = read_entry(npz_path, json_path, expected, keys, {"features": (n, d)})
+        if entry is None:
+            continue
+        features = entry[0]["features"].astype(np.float32)
+        k = min(SHIPPED_CHECK, n)
+        if not features_agree(torch.as_tensor(encoder(images[:k])).float().numpy(), features[:k]):
+            logger.warning("shipped reference features %s differ from this encoder's on their first %d images: "
+                           "recomputing", npz_path, k)
+            continue
+        return features, f"{npz_path.name} (shipped; first {k} images encoded again and compared)"
+    return None
 
 
 def reference_stats(
@@ -137,6 +127,7 @@ def reference_stats(
     encoder: Encoder,
     cache_dir: str | os.PathLike[str],
     resolution: int | None = None,
+    shipped_dirs: Sequence[str | os.PathLike[str]] = (),
 ) -> ReferenceStats:
     """Features and statistics of ``n`` reference images, from the cache or computed and cached.
 
@@ -151,6 +142,9 @@ def reference_stats(
         cache_dir: folder for the cache files (created if missing).
         resolution: image side length the caller evaluates at; recorded, part of the cache key
             and checked against the images on a miss. None: not checked.
+        shipped_dirs: folders of features shipped with the package (float16, same stem): on a cache
+            miss a matching one is used, after its first images are encoded again and agree, and
+            written to the cache.
 
     Raises:
         DataError: ``images_fn`` returned fewer than ``n`` images or images of another resolution.
@@ -181,14 +175,12 @@ def reference_stats(
         raise DataError(
             f"dataset {dataset_id!r} gave images of size {tuple(images.shape[2:])}, expected {resolution}x{resolution}"
         )
-    features = torch.as_tensor(encoder(images)).float().numpy()
+    shipped = _read_shipped([Path(p) for p in shipped_dirs], npz_path.stem, expected, images, encoder)
+    features = shipped[0] if shipped else torch.as_tensor(encoder(images)).float().numpy()
     stats = FeatureStats.from_features(features)
-
-    buffer = io.BytesIO()
-    np.savez(buffer, features=features, mu=stats.mu, sigma=stats.sigma)
-    data = buffer.getvalue()
-    npz_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(npz_path, data)
-    provenance = dict(expected, image_shape=list(images.shape[1:]), npz_sha256=hashlib.sha256(data).hexdigest())
-    _atomic_write(json_path, (json.dumps(provenance, indent=2) + "\n").encode())
-    return ReferenceStats(stats=stats, features=features, provenance=provenance, from_cache=False)
+    extra = {"image_shape": list(images.shape[1:])}
+    if shipped:
+        extra["from_shipped"] = shipped[1]
+    provenance = write_entry(npz_path, json_path, {"features": features, "mu": stats.mu, "sigma": stats.sigma},
+                             dict(expected, **extra))
+    return ReferenceStats(stats=stats, features=features, provenance=provenance, from_cache=shipped is not None)

@@ -1,0 +1,63 @@
+"""Write the feature files shipped for the default `ectune tune` report (run after changing the
+shipped teacher, the report's N or sampler, or the Inception weights).
+
+    python scripts/ship_report_cache.py [--num_images 500]
+
+Writes, with float16 features:
+  src/ectune/assets/mnist-teacher/report-cache/teacher-heun18-n500-inception_v3.{npz,json}
+      the teacher's 35-NFE samples on seeds 0..N-1 (uint8) and their Inception features;
+  src/ectune/assets/reference/mnist-train-inception_v3-n500.{npz,json}
+      Inception features of the report's N MNIST training images.
+A report uses them only after sampling and encoding their first 16 items again and finding
+them equal (ectune.report, ectune.metrics.reference); tests/test_tune_default.py checks that
+the shipped files still agree with the shipped teacher and encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ectune import config as C
+from ectune.checkpoint import load_model, resolve_model_folder
+from ectune.evaluate import SHIPPED_FEATURES, build_evaluator
+from ectune.metrics.reference import cache_paths
+from ectune.metrics.store import write_entry
+from ectune.preview import generate
+from ectune.report import _settings, _teacher_entry
+from ectune.sampling import to_uint8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num_images", type=int, default=C.preset("mnist", "ect").report_num_images)
+    n = parser.parse_args().num_images
+    cfg = C.preset("mnist", "ect")
+    with tempfile.TemporaryDirectory() as tmp:
+        evaluator = build_evaluator(cfg.data.name, cfg.data.path, "train", n, (1, 28, 28), "auto", cache_dir=tmp)
+    ref = evaluator.reference
+    keys = ("dataset_id", "dataset_hash", "n", "encoder", "encoder_hash", "feature_dim", "resolution")
+    npz, js = cache_paths(SHIPPED_FEATURES, ref.provenance["dataset_id"], evaluator.encoder.name, n)
+    write_entry(npz, js, {"features": ref.features.astype(np.float16)}, {k: ref.provenance[k] for k in keys})
+    print(f"wrote {npz}")
+
+    folder = resolve_model_folder(cfg.teacher)
+    denoiser, info = load_model(cfg.teacher)
+    s = _settings(info.mid_sigma)["teacher, Heun 35 NFE"]
+    with torch.no_grad():
+        images = torch.cat([to_uint8(generate(denoiser, info, method=s["method"], steps=s["steps"],
+                                              seeds=list(range(i, min(i + 250, n))))) for i in range(0, n, 250)])
+    feats = evaluator.encode(images)
+    expected, places = _teacher_entry(folder, s, n, evaluator.encoder)
+    npz, js = places[0]
+    write_entry(npz, js, {"images": images.numpy(), "features": feats.numpy().astype(np.float16)},
+                dict(expected, teacher=cfg.teacher))
+    print(f"wrote {npz}")
+
+
+if __name__ == "__main__":
+    main()
