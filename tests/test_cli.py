@@ -68,6 +68,7 @@ def test_help_explains_every_option():
     (["pretrain", "--preset", "toy2d", "--optim.lr", "-0.1"], "learning rate must be positive"),
     (["pretrain", "--preset", "toy2d", "--total_nimg", "1000"], "must be a positive multiple of batch"),
     (["tune", "--preset", "toy2d"], "needs a teacher"),
+    (["tune", "--total_nimg", "32000", "--ect.stage_nimg", "1000"], "use ect.stage_nimg >= 1455"),
     (["tune", "--preset", "toy2d", "--teacher", "does-not-exist"], "does not exist"),
     (["pretrain", "--preset", "toy2d", "--batch", "many"], "batch must be an integer"),
     (["pretrain", "--preset", "toy2d", "--optim.nope", "1"], "unknown option --optim.nope"),

@@ -571,3 +571,22 @@ def test_ect_loss_accepts_the_published_settings():
     losses.ECTLoss(P_mean=-0.8, P_std=1.6, q=4, c=0.06, weighting="edm")  # ImageNet 64
     losses.ECTLoss(q=256)  # 1-hour recipe
     losses.ECTLoss(distance="adaptive", p=0.5)
+
+
+@pytest.mark.parametrize("q", [2.0, 4.0, 256.0])
+def test_ect_stage_limit_keeps_r_below_t_in_float32(q):
+    """validate() stops ECT at the last stage where r(t) < t for every float32 t; beyond it (two
+    halvings more at q = 2) r rounds to t and the loss would be 0/0."""
+    from ectune import config as C
+
+    t = schedules.sample_lognormal(200_000, -1.1, 2.0, generator=torch.Generator().manual_seed(0))
+    stages = int(C.ECT_MIN_LOG2_DECAY // math.log2(q))
+    r = schedules.ect_r_of_t(t, stages - 1, q=q)
+    assert bool((r < t).all())
+    cfg = C.apply_overrides(C.preset("mnist", "ect"), {"total_nimg": 32 * stages * 10, "ect.stage_nimg": 320,
+                                                       "ect.q": q})
+    C.validate(cfg)
+    with pytest.raises(ConfigError, match="float32's resolution"):
+        C.validate(C.apply_overrides(cfg, {"total_nimg": 32 * (stages * 10 + 1)}))
+    if q == 2.0:
+        assert bool((schedules.ect_r_of_t(t, stages + 2, q=q) >= t).any())

@@ -24,6 +24,8 @@ from ectune.losses import ECTLoss, EDMLoss, ICTLoss
 from ectune.networks import MNIST_CONFIG
 
 SCHEMA_VERSION = 1
+ECT_MIN_LOG2_DECAY = 22
+"""ECT stages stop where q^-(stage+1) would fall below 2^-22, near float32's resolution of r/t."""
 METHODS = ("edm", "ect", "ict")
 
 
@@ -538,3 +540,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown eval_metrics {sorted(bad)}: use fid, kid, precision, recall (images) or sw, mmd (2-D)")
     if cfg.method == "ect" and not cfg.teacher:
         raise ConfigError("ECT tuning needs a teacher: pass --teacher MODEL_DIR (a folder written by `ectune pretrain`)")
+    if cfg.method == "ect":
+        # r = t (1 - q^-(s+1) ...) is within a float32 step of t as q^-(s+1) nears 2^-24 (r = t, a 0/0
+        # loss, for some t from stage 24 at q = 2).
+        stages = max(1, math.floor(ECT_MIN_LOG2_DECAY / math.log2(cfg.ect.q)))
+        last = (cfg.total_nimg - 1) // cfg.ect.stage_nimg
+        if last >= stages:
+            raise ConfigError(f"ECT would reach stage {last}, where t - r(t) falls to float32's resolution of t "
+                              f"(q^-(stage+1) < 2^-{ECT_MIN_LOG2_DECAY}; the loss is 0/0 once r rounds to t): use ect.stage_nimg >= "
+                              f"{math.ceil(cfg.total_nimg / stages)} ({stages} stages at q = {cfg.ect.q:g}) or a smaller q")
