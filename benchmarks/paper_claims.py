@@ -297,8 +297,8 @@ class ImageScorer:
 
 
 def mnist_ect_cfg(nimg: int, run_dir: Path, stages: int, overrides: dict[str, Any] | None = None):
-    """The mnist preset's ECT recipe (teacher builtin:mnist, batch 64, RAdam 4e-4, EMA 0.99, q = 2,
-    dropout 0.1, fp32) at a budget of ``nimg`` images with ``stages`` stages."""
+    """The mnist preset's ECT recipe (teacher builtin:mnist; ectune.config._mnist) at a budget of
+    ``nimg`` images with ``stages`` stages."""
     from ectune import config as C
 
     cfg = C.preset("mnist", "ect")
@@ -444,11 +444,15 @@ class Bench:
     # -- scaling and ablations ------------------------------------------------------------------
 
     def _ect_run(self, name: str, nimg: int, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        from ectune.errors import UserError
+        from ectune.errors import ConfigError, UserError
 
-        cfg = mnist_ect_cfg(nimg, self.work / name, self.plan.stages, overrides)
         try:
+            cfg = mnist_ect_cfg(nimg, self.work / name, self.plan.stages, overrides)
             rows, _ = train_points(cfg, (nimg,), self.scorer.two)
+        except ConfigError as e:  # e.g. q = 256 over 8 stages: r(t) rounds to t in float32, refused at start
+            _log(f"    refused: {e}")
+            return [{"nfe": 2, "steps": 2, "fid": None, "kid": None, "n": self.scorer.n,
+                     "nimg": nimg, "refused": str(e)}]
         except UserError as e:  # e.g. 20 non-finite steps in a row: a result, not a crash of the benchmark
             _log(f"    diverged: {e}")
             return [{"nfe": 2, "steps": 2, "fid": None, "kid": None, "n": self.scorer.n,
@@ -633,6 +637,11 @@ def write_tables(res: dict[str, Any], out: Path) -> str:
         for name in dict.fromkeys(r["variant"] for r in rows):
             one = next((r for r in rows if r["variant"] == name and r["steps"] == 1), {})
             two = next(r for r in rows if r["variant"] == name and r["steps"] == 2)
+            if two.get("refused"):
+                stage = re.search(r"reach stage (\d+)", two["refused"])
+                md.append(f"| {name} | - | refused: r(t) = t in float32{f' by stage {stage.group(1)}' if stage else ''} "
+                          f"| - | - |")
+                continue
             if two.get("diverged"):
                 at = re.search(r"at (\d+) images", two["diverged"])
                 md.append(f"| {name} | - | diverged{f' at {int(at.group(1)):,} images' if at else ''} | - | - |")

@@ -18,10 +18,13 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_prints_resolved_config(capsys):
-    assert main(["tune", "--preset", "cifar10", "--teacher", "x", "--ect.q", "4", "--dry-run"]) == 0
+    # q = 4 halves the stages that fit float32 (11 rather than 22): 8 stages of 6.4M images here
+    assert main(["tune", "--preset", "cifar10", "--teacher", "x", "--ect.q", "4", "--ect.stage_nimg", "6400000",
+                 "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["schema_version"] == C.SCHEMA_VERSION
     assert cfg["ect"]["q"] == 4.0 and cfg["ect"]["k"] == 8.0 and cfg["ect"]["b"] == 1.0
+    assert cfg["ect"]["stage_nimg"] == 6_400_000
     assert cfg["method"] == "ect" and cfg["teacher"] == "x"
 
 

@@ -91,3 +91,17 @@ def test_command_line(pc, capsys):
         assert all(n % 64 == 0 for n in (plan.ect_nimg, *plan.ect_points, *plan.ict_nimg, *plan.scaling_nimg,
                                          plan.ablation_nimg))
         assert max(plan.ect_points) == plan.ect_nimg
+
+
+def test_q256_over_8_stages_is_refused_and_tabled_as_such(pc, tmp_path):
+    """q = 256 over the ablations' 8 stages passes float32's resolution of r(t) (from stage 2): the run
+    is refused at start, and the table says so rather than 'diverged'."""
+    from ectune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reach stage 7"):
+        pc.mnist_ect_cfg(4096, tmp_path / "run", 8, pc.ABLATIONS["q=256"])
+    pc.mnist_ect_cfg(4096, tmp_path / "run", 8, pc.ABLATIONS["q=4"])  # q = 4: 8 stages fit
+    row = {"variant": "q=256", "nfe": 2, "steps": 2, "fid": None, "kid": None, "n": 50, "nimg": 4096,
+           "refused": "ECT would reach stage 7, where t - r(t) falls to float32's resolution of t"}
+    md = pc.write_tables({"mode": "quick", "ablations": {"nimg": 4096, "rows": [row]}}, tmp_path)
+    assert "| q=256 | - | refused: r(t) = t in float32 by stage 7 | - | - |" in md
