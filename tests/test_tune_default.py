@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +157,7 @@ def test_report_caches_the_teacher_row_and_uses_it_only_when_it_checks_out(tmp_p
 
 @pytest.mark.slow
 @needs_inception
-def test_shipped_report_features_agree_with_the_shipped_teacher_and_encoder():
+def test_shipped_report_features_agree_with_the_shipped_teacher_and_encoder(tmp_path):
     """The files scripts/ship_report_cache.py wrote still match the teacher, the encoder and MNIST;
     when this fails, run that script again (the report would otherwise silently take ~2.5 min longer)."""
     from ectune.evaluate import SHIPPED_FEATURES, build_evaluator
@@ -166,8 +165,7 @@ def test_shipped_report_features_agree_with_the_shipped_teacher_and_encoder():
 
     cfg = C.preset("mnist", "ect")
     n = cfg.report_num_images
-    evaluator = build_evaluator("mnist", None, "train", n, (1, 28, 28), "auto",
-                                cache_dir=tempfile.mkdtemp(prefix="ectune-ship-"))
+    evaluator = build_evaluator("mnist", None, "train", n, (1, 28, 28), "auto", cache_dir=tmp_path)
     assert evaluator.info["from_cache"] and "(shipped;" in evaluator.info["from_shipped"]
     assert (SHIPPED_FEATURES / f"{evaluator.info['id']}-inception_v3-n{n}.npz").is_file()
     denoiser, info = load_model(cfg.teacher)
