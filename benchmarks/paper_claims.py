@@ -449,14 +449,12 @@ class Bench:
         try:
             cfg = mnist_ect_cfg(nimg, self.work / name, self.plan.stages, overrides)
             rows, _ = train_points(cfg, (nimg,), self.scorer.two)
-        except ConfigError as e:  # e.g. q = 256 over 8 stages: r(t) rounds to t in float32, refused at start
-            _log(f"    refused: {e}")
+        except UserError as e:  # a result, not a crash of the benchmark: refused at start (a ConfigError, e.g.
+            # q = 256 over 8 stages, where r(t) rounds to t in float32) or diverged (20 non-finite steps in a row)
+            outcome = "refused" if isinstance(e, ConfigError) else "diverged"
+            _log(f"    {outcome}: {e}")
             return [{"nfe": 2, "steps": 2, "fid": None, "kid": None, "n": self.scorer.n,
-                     "nimg": nimg, "refused": str(e)}]
-        except UserError as e:  # e.g. 20 non-finite steps in a row: a result, not a crash of the benchmark
-            _log(f"    diverged: {e}")
-            return [{"nfe": 2, "steps": 2, "fid": None, "kid": None, "n": self.scorer.n,
-                     "nimg": nimg, "diverged": str(e)}]
+                     "nimg": nimg, outcome: str(e)}]
         return rows
 
     def _reuse(self, nimg: int) -> list[dict[str, Any]] | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,9 +26,7 @@ from ectune.checkpoint import load_model, resolve_model_folder
 from ectune.evaluate import SHIPPED_FEATURES, build_evaluator
 from ectune.metrics.reference import cache_paths
 from ectune.metrics.store import write_entry
-from ectune.preview import generate
-from ectune.report import _settings, _teacher_entry
-from ectune.sampling import to_uint8
+from ectune.report import _settings, _teacher_entry, sample_setting, save_teacher_row
 
 
 def main() -> None:
@@ -49,13 +46,10 @@ def main() -> None:
     denoiser, info = load_model(cfg.teacher)
     s = _settings(info.mid_sigma)["teacher, Heun 35 NFE"]
     with torch.no_grad():
-        images = torch.cat([to_uint8(generate(denoiser, info, method=s["method"], steps=s["steps"],
-                                              seeds=list(range(i, min(i + 250, n))))) for i in range(0, n, 250)])
-    feats = evaluator.encode(images)
+        images = sample_setting(denoiser, info, s, n)
     expected, places = _teacher_entry(folder, s, n, evaluator.encoder)
     npz, js = places[0]
-    write_entry(npz, js, {"images": images.numpy(), "features": feats.numpy().astype(np.float16)},
-                dict(expected, teacher=cfg.teacher))
+    save_teacher_row(npz, js, expected, cfg.teacher, images, evaluator.encode(images))
     print(f"wrote {npz}")
 
 

@@ -161,7 +161,7 @@ def test_shipped_report_features_agree_with_the_shipped_teacher_and_encoder(tmp_
     """The files scripts/ship_report_cache.py wrote still match the teacher, the encoder and MNIST;
     when this fails, run that script again (the report would otherwise silently take ~2.5 min longer)."""
     from ectune.evaluate import SHIPPED_FEATURES, build_evaluator
-    from ectune.report import _cached_teacher_row, _settings
+    from ectune.report import _cached_teacher_row, _settings, _teacher_entry
 
     cfg = C.preset("mnist", "ect")
     n = cfg.report_num_images
@@ -170,5 +170,6 @@ def test_shipped_report_features_agree_with_the_shipped_teacher_and_encoder(tmp_
     assert (SHIPPED_FEATURES / f"{evaluator.info['id']}-inception_v3-n{n}.npz").is_file()
     denoiser, info = load_model(cfg.teacher)
     s = _settings(info.mid_sigma)["teacher, Heun 35 NFE"]
-    row = _cached_teacher_row(denoiser, info, s, builtin_model("mnist"), n, evaluator, "cpu")
+    expected, places = _teacher_entry(builtin_model("mnist"), s, n, evaluator.encoder)
+    row = _cached_teacher_row(denoiser, info, s, expected, places[:1], n, evaluator, "cpu")
     assert row is not None and row[0].shape == (n, 1, 28, 28) and row[1].shape == (n, 2048)

@@ -170,6 +170,10 @@ class Evaluator:
 
     def __call__(self, samples: torch.Tensor) -> dict[str, float]:
         """Metrics of uint8 images (N, C, H, W) or float points (N, D); "encode_img_per_s" for images."""
+        return self.score_samples(samples)[0]
+
+    def score_samples(self, samples: torch.Tensor) -> tuple[dict[str, float], torch.Tensor | None]:
+        """:meth:`__call__`'s metrics, and the images' features (None for points), e.g. to cache them."""
         if tuple(samples.shape[1:]) != self.shape:
             raise DataError(f"the samples are {_shape_str(tuple(samples.shape[1:]))} but the reference holds "
                             f"{_shape_str(self.shape)}: evaluate against the dataset the model was trained on")
@@ -186,7 +190,7 @@ class Evaluator:
                     out["sw"] = sliced_wasserstein(x, self.reference)
                 if "mmd" in self.metrics:
                     out["mmd"] = mmd_rbf(x, self.reference)
-                return out
+                return out, None
             t0 = time.perf_counter()
             feats = self.encode(samples)
             seconds = time.perf_counter() - t0
@@ -194,7 +198,7 @@ class Evaluator:
         except ValueError as e:  # features of the wrong size or with NaN: a broken encoder or model
             raise DataError(f"cannot compute {', '.join(self.metrics)}: {e}") from None
         out["encode_img_per_s"] = samples.shape[0] / max(seconds, 1e-9)
-        return out
+        return out, feats
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """float32 features (N, d) of uint8 images with this evaluator's encoder."""

@@ -59,11 +59,20 @@ def images_agree(fresh: np.ndarray, stored: np.ndarray) -> bool:
     return fresh.shape == stored.shape and int(diff.max(initial=0)) <= 2 and float((diff > 0).mean()) <= 0.01
 
 
-def _cached_teacher_row(denoiser, minfo, s: dict[str, Any], folder: Path, n: int, evaluator,
+def sample_setting(denoiser, minfo, s: dict[str, Any], n: int, *, batch: int = 250,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Samples of one report setting on seeds 0..n-1: uint8 images, or float points for 2-D data."""
+    parts = [generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"),
+                      seeds=list(range(i, min(i + batch, n))), device=device) for i in range(0, n, batch)]
+    x = torch.cat(parts).cpu()
+    return to_uint8(x) if x.ndim == 4 else x.float()
+
+
+def _cached_teacher_row(denoiser, minfo, s: dict[str, Any], expected: dict[str, Any],
+                        places: list[tuple[Path, Path]], n: int, evaluator,
                         device) -> tuple[torch.Tensor, np.ndarray, str] | None:
-    """(images, features, where) of a matching cached teacher row whose first seeds, sampled and
-    encoded again, agree with it; else None."""
-    expected, places = _teacher_entry(folder, s, n, evaluator.encoder)
+    """(images, features, where) of a cached teacher row at one of ``places`` with the ``expected``
+    provenance whose first seeds, sampled and encoded again, agree with it; else None."""
     shapes = {"images": (n, *minfo.data_shape), "features": (n, evaluator.encoder.feature_dim)}
     k = min(TEACHER_CHECK_SEEDS, n)
     for npz_path, json_path in places:
@@ -71,8 +80,7 @@ def _cached_teacher_row(denoiser, minfo, s: dict[str, Any], folder: Path, n: int
         if entry is None or entry[0]["images"].dtype != np.uint8:
             continue
         images, feats = entry[0]["images"], entry[0]["features"].astype(np.float32)
-        fresh = to_uint8(generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"),
-                                  seeds=list(range(k)), device=device)).cpu().numpy()
+        fresh = sample_setting(denoiser, minfo, s, k, device=device).numpy()
         if not images_agree(fresh, images[:k]):
             logger.warning("cached teacher samples %s differ from the teacher's on seeds 0..%d: sampling again",
                            npz_path, k - 1)
@@ -84,15 +92,14 @@ def _cached_teacher_row(denoiser, minfo, s: dict[str, Any], folder: Path, n: int
     return None
 
 
-def _save_teacher_row(folder: Path, s: dict[str, Any], n: int, evaluator, images: torch.Tensor,
-                      feats: torch.Tensor) -> None:
-    """Cache the teacher row in the user's metric cache (float16 features), for the next report."""
-    expected, places = _teacher_entry(folder, s, n, evaluator.encoder)
-    npz_path, json_path = places[-1]
+def save_teacher_row(npz_path: Path, json_path: Path, expected: dict[str, Any], teacher: str,
+                     images: torch.Tensor, feats: torch.Tensor) -> None:
+    """Write a teacher row (uint8 images, float16 features) with its provenance and the ``teacher``'s
+    name; a failure is logged, as a read-only cache costs time next run, not this report."""
     try:
         write_entry(npz_path, json_path, {"images": images.numpy(), "features": feats.numpy().astype(np.float16)},
-                    dict(expected, teacher=str(folder)))
-    except OSError as exc:  # a read-only cache costs time next run, not this report
+                    dict(expected, teacher=teacher))
+    except OSError as exc:
         logger.warning("could not cache the teacher row in %s (%s)", npz_path.parent, exc)
 
 
@@ -122,25 +129,19 @@ def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: fl
         row = {"name": title, "grid": f"grid-{s['slug']}.png", "nfe": s["nfe"], "method": s["method"],
                "steps": s["steps"], "sigmas": s.get("sigmas", [])}
         teacher = s["model"] == "teacher" and cacheable
-        cached = _cached_teacher_row(denoiser, minfo, s, teacher_folder, n, evaluator, device) if teacher else None
+        expected, places = _teacher_entry(teacher_folder, s, n, evaluator.encoder) if teacher else ({}, [])
+        cached = _cached_teacher_row(denoiser, minfo, s, expected, places, n, evaluator, device) if teacher else None
         if cached is not None:
             samples[title], feats, row["from_cache"] = cached
             row["sample_s"] = time.perf_counter() - start
             row.update(evaluator.score_features(feats))
         else:
-            parts = [generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"),
-                              seeds=list(range(i, min(i + batch, n))), device=device) for i in range(0, n, batch)]
-            x = torch.cat(parts).cpu()
-            samples[title] = to_uint8(x) if x.ndim == 4 else x.float()
+            samples[title] = sample_setting(denoiser, minfo, s, n, batch=batch, device=device)
             row["sample_s"] = time.perf_counter() - start
-            if teacher:
-                t1 = time.perf_counter()
-                feats = evaluator.encode(samples[title])
-                row["encode_img_per_s"] = n / max(time.perf_counter() - t1, 1e-9)
-                row.update(evaluator.score_features(feats))
-                _save_teacher_row(teacher_folder, s, n, evaluator, samples[title], feats)
-            else:
-                row.update(evaluator(samples[title]))
+            metrics, feats = evaluator.score_samples(samples[title])
+            row.update(metrics)
+            if teacher:  # cached in the user's metric cache for the next report
+                save_teacher_row(*places[-1], expected, str(teacher_folder), samples[title], feats)
         rows.append(row)
     # grids on the same seeds
     if len(shape) == 3:
