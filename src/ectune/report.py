@@ -105,15 +105,18 @@ def save_teacher_row(npz_path: Path, json_path: Path, expected: dict[str, Any], 
 
 @torch.no_grad()
 def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: float, nimg: int,
-                      encoder=None, batch: int = 250, device: str | torch.device = "cpu") -> Path:
+                      encoder=None, batch: int = 250, device: str | torch.device = "cpu",
+                      out_dir: str | Path | None = None) -> Path:
     """Sample the teacher and the tuned model (run_dir/model) on seeds 0..N-1, N = cfg.report_num_images,
-    score each against N training items, and write report.md, results.json and the grids. Returns report.md.
+    score each against N training items, and write report.md, results.json and the grids into
+    ``out_dir`` (default: run_dir). Returns report.md.
 
     The teacher's row (images and Inception features) is cached: shipped beside the teacher for the
     default report, and in the user's metric cache after a first report. A cached row is used only
     if its provenance matches (teacher weights, sampler, seeds, encoder) and its first 16 seeds,
     sampled and encoded again here, agree with it."""
     run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
     t0 = time.perf_counter()
     n = cfg.report_num_images
     models = {"teacher": load_model(cfg.teacher, device=device), "student": load_model(run_dir / "model", device=device)}
@@ -148,11 +151,11 @@ def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: fl
         panels = []
         for row in rows:
             g = grid(samples[row["name"]][:GRID_IMAGES])
-            save_png(g, run_dir / row["grid"], scale=2)
+            save_png(g, out / row["grid"], scale=2)
             panels.append(g)
-        save_png(side_by_side(panels), run_dir / "grid-side-by-side.png", scale=2)
+        save_png(side_by_side(panels), out / "grid-side-by-side.png", scale=2)
     else:
-        save_scatter({row["name"]: samples[row["name"]] for row in rows}, run_dir / "grid-side-by-side.png")
+        save_scatter({row["name"]: samples[row["name"]] for row in rows}, out / "grid-side-by-side.png")
         for row in rows:
             row["grid"] = "grid-side-by-side.png"
     results = {"format": "ectune-tune-report", "schema_version": 1, "teacher": str(cfg.teacher),
@@ -160,9 +163,9 @@ def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: fl
                "reference": evaluator.info, "images_seen": nimg, "train_wall_s": train_wall_s,
                "report_wall_s": time.perf_counter() - t0, "precision": cfg.precision, "rows": rows}
     results["total_wall_s"] = train_wall_s + results["report_wall_s"]
-    write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
-    write_text_atomic(run_dir / "report.md", format_report(results))
-    return run_dir / "report.md"
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out / "report.md", format_report(results))
+    return out / "report.md"
 
 
 def format_report(results: dict[str, Any]) -> str:
