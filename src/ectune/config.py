@@ -206,7 +206,7 @@ def _mnist(method: str) -> TrainConfig:
     if method != "ect":
         return cfg
     # Sized to finish, report included, within 10 minutes on 2 CPU cores: 900 steps of 32 images
-    # (~70-80 img/s, ~6.5 min) and the report (~2.2 min: Inception-v3 on the 1,000 tuned samples; the
+    # (~70-80 img/s, ~6.5 min) and the report (~2 min: Inception-v3 on the 1,000 tuned samples; the
     # teacher's row and the reference come from the files shipped for N = 500, checked on 16 seeds).
     # 32,000 images took 9 min 48 s in all, too close to the limit.
     # fp32, as bf16 autocast is no faster for this network on a CPU. Batch 32, 16 stages, EMA 0.995
@@ -540,9 +540,9 @@ def validate(cfg: TrainConfig) -> None:
     bad = set(cfg.eval_metrics.replace(" ", "").split(",")) - {"auto", "fid", "kid", "precision", "recall", "sw", "mmd"}
     if bad:
         raise ConfigError(f"unknown eval_metrics {sorted(bad)}: use fid, kid, precision, recall (images) or sw, mmd (2-D)")
-    if cfg.method == "ect" and not cfg.teacher:
-        raise ConfigError("ECT tuning needs a teacher: pass --teacher MODEL_DIR (a folder written by `ectune pretrain`)")
     if cfg.method == "ect":
+        if not cfg.teacher:
+            raise ConfigError("ECT tuning needs a teacher: pass --teacher MODEL_DIR (a folder written by `ectune pretrain`)")
         # r = t (1 - q^-(s+1) ...) is within a float32 step of t as q^-(s+1) nears 2^-24 (r = t, a 0/0
         # loss, for some t from stage 24 at q = 2).
         stages = max(1, math.floor(ECT_MIN_LOG2_DECAY / math.log2(cfg.ect.q)))
