@@ -158,6 +158,8 @@ def test_tune_targets_is_the_report_at_larger_n_and_reuses_the_cached_teacher_ro
     one, and its verdict compares the FID ratios with the targets."""
     from test_eval import ProjectionEncoder
 
+    from ectune.report import QUOTABLE_N, format_report
+
     tt = benchmark_module("tune_targets")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cfg, run = _tiny_models(tmp_path)
@@ -168,6 +170,8 @@ def test_tune_targets_is_the_report_at_larger_n_and_reuses_the_cached_teacher_ro
     assert first["num_images"] == 20 and first["images_seen"] == 64 and first["train_wall_s"] == 3.0
     assert (run / "targets-n20" / "report.md").is_file() and (run / "targets-n20" / "grid-side-by-side.png").is_file()
     assert not (run / "report.md").exists()
+    assert "biased upward" in (run / "targets-n20" / "report.md").read_text()  # small N is flagged, N >= 5,000 not
+    assert "biased upward" not in format_report({**first, "num_images": QUOTABLE_N})
     second = tt.measure(run, 20, tmp_path / "again", encoder=enc)
     assert "from_cache" not in first["rows"][0] and "from_cache" in second["rows"][0]
     assert second["rows"][0]["fid"] == pytest.approx(first["rows"][0]["fid"], rel=1e-3)

@@ -32,6 +32,9 @@ def _settings(mid_sigma: float) -> dict[str, dict[str, Any]]:
                                 sigmas=[mid_sigma])}
 
 
+QUOTABLE_N = 5000
+"""The smallest N whose FIDs the report does not flag as for comparing rows only."""
+
 TEACHER_CACHE_FORMAT = 1
 TEACHER_CHECK_SEEDS = 16
 """Teacher samples drawn and encoded again to check a cached teacher row before it is used."""
@@ -172,14 +175,16 @@ def format_report(results: dict[str, Any]) -> str:
     """The markdown of report.md from the results.json object."""
     rows = results["rows"]
     metrics = [k for k in rows[0] if k.split("_")[0] in ("fid", "kid", "sw", "mmd") and not k.endswith("_std")]
+    small = results["num_images"] < QUOTABLE_N
     lines = [f"# ECT tuning report: {results['data']}", "",
              f"Teacher `{results['teacher']}` tuned into `{results['model']}` on {results['images_seen']:,} images "
              f"({results['precision']}) in {results['train_wall_s'] / 60:.1f} min of training; "
              f"this report took {results['report_wall_s'] / 60:.1f} min more "
              f"(total {results['total_wall_s'] / 60:.1f} min).", "",
              f"Metrics on N = {results['num_images']:,} samples (seeds 0..{results['num_images'] - 1}) against "
-             f"{results['reference']['num_images']:,} training items. FID at small N is biased upward: compare the "
-             f"rows with each other, and measure at N >= 5,000 with `ectune eval` for figures to quote.", "",
+             f"{results['reference']['num_images']:,} training items."
+             + (" FID at small N is biased upward: compare the rows with each other, and measure at "
+                f"N >= {QUOTABLE_N:,} (benchmarks/tune_targets.py) for figures to quote." if small else ""), "",
              "| sampler | NFE | " + " | ".join(metrics) + " | ratio to teacher |",
              "|---|---:|" + "---:|" * (len(metrics) + 1)]
     first = metrics[0]
