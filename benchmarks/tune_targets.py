@@ -9,7 +9,7 @@ seeds 0..N-1 against N MNIST training images, written with grids to FOLDER (defa
 RUN_DIR/targets-nN; an existing report there is not overwritten). Prints one JSON line per sampler
 and a verdict line.
 
-The teacher's row is the slow part the first time (about 27 minutes at N = 5,000 on 2 cores); like
+The teacher's row is the slow part the first time (38.5 minutes in all at N = 5,000 on 2 cores); like
 the report's, it is cached in the metric cache and reused once its first 16 seeds, sampled and
 encoded again, agree, so later runs on other tuned models cost only their own two rows.
 """
