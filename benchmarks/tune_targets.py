@@ -21,29 +21,24 @@ import json
 from pathlib import Path
 
 from ectune import config as C
+from ectune.plots import read_stats
 from ectune.report import write_tune_report
 
 TARGETS = {"ECM 2 steps": 1.3, "ECM 1 step": 2.5}
 """The largest FID ratio to the teacher's that meets issue 4's target."""
 
 
-def last_stats(run_dir: Path) -> dict:
-    """The last line of the run's stats.jsonl: images seen and training wall time at the end."""
-    path = run_dir / "stats.jsonl"
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    if not lines:
-        raise SystemExit(f"error: {path} is missing or empty: pass the folder of a finished `ectune tune` run")
-    return json.loads(lines[-1])
-
-
 def measure(run_dir: Path, num_images: int, out: Path, **report_kw) -> dict:
     """Write the run's report at ``num_images`` into ``out`` and return its results object."""
     saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    saved.pop("schema_version", None)
     cfg = C.from_dict(C.TrainConfig, {**saved, "report_num_images": num_images})
     if (out / "results.json").exists():
         raise SystemExit(f"error: {out} already holds a measurement: pass another --out, or delete it to measure again")
-    stats = last_stats(run_dir)
+    records = read_stats(run_dir)  # the last: images seen and training wall time at the end
+    if not records:
+        raise SystemExit(f"error: {run_dir / 'stats.jsonl'} is missing or empty: pass the folder of a finished "
+                         f"`ectune tune` run")
+    stats = records[-1]
     out.mkdir(parents=True, exist_ok=True)
     write_tune_report(run_dir, cfg, train_wall_s=stats["wall_s"], nimg=stats["nimg"], out_dir=out, **report_kw)
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
