@@ -237,3 +237,49 @@ def test_compile_option_trains(tmp_path):
               if "loss" in row]
     assert losses and all(map(math.isfinite, losses))
     assert (result.model_dir / "model.safetensors").is_file()
+
+
+def test_export_ema_writes_any_of_a_runs_emas_as_a_model(tmp_path, capsys):
+    from ectune.checkpoint import state_emas
+    from ectune.cli import main
+
+    cfg = tiny_cfg(tmp_path, **{"ema.beta": 0.99, "ema.stds": "[0.05, 0.1]"})
+    run = train(cfg, progress=False).run_dir
+    assert main(["export-ema", str(run)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listing[1:]] == ["ema-0.99", "ema-std0.050", "ema-std0.100"]
+    assert "model/" in listing[1] and "model/" not in "".join(listing[2:])
+
+    states = dict(list_states(run))
+    latest = state_emas(load_state(states[512]))
+    assert main(["export-ema", str(run), "--ema", "ema-std0.100"]) == 0
+    out = run / "model-ema-std0.100"
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    got = weights(out)
+    assert got.keys() == latest["ema-std0.100"].keys()
+    assert all(torch.equal(got[k], latest["ema-std0.100"][k]) for k in got)
+    assert not all(torch.equal(got[k], weights(run / "model")[k]) for k in got)  # another average than model/
+    _, info = load_model(out)
+    assert info.extra["ema"] == "ema-std0.100" and info.extra["nimg"] == 512 and info.method == "edm"
+
+    # the run's own EMA comes out equal to its model/; an earlier state gives that state's weights
+    assert main(["export-ema", str(run), "--ema", "ema-0.99", "--dest", str(tmp_path / "own")]) == 0
+    own, model = weights(tmp_path / "own"), weights(run / "model")
+    assert own.keys() == model.keys() and all(torch.equal(own[k], model[k]) for k in own)
+    assert main(["export-ema", str(run), "--ema", "ema-std0.100", "--nimg", "256",
+                 "--dest", str(tmp_path / "early")]) == 0
+    early = state_emas(load_state(states[256]))["ema-std0.100"]
+    assert all(torch.equal(weights(tmp_path / "early")[k], early[k]) for k in early)
+    capsys.readouterr()
+
+    # bad input: one line, exit 2, nothing written or overwritten
+    before = (out / "model.safetensors").read_bytes()
+    for args, message in [(["--ema", "ema-std0.100"], "already exists and is not empty"),
+                          (["--ema", "ema-0.5", "--dest", str(tmp_path / "x")], "choose one of ema-0.99, ema-std0.050"),
+                          (["--ema", "ema-0.99", "--nimg", "100", "--dest", str(tmp_path / "x")], "it has 256, 512"),
+                          (["--dest", str(tmp_path / "x")], "--dest needs --ema")]:
+        assert main(["export-ema", str(run), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert (out / "model.safetensors").read_bytes() == before and not (tmp_path / "x").exists()
+    assert main(["export-ema", str(tmp_path)]) == 2 and "holds no training state" in capsys.readouterr().err

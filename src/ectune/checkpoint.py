@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +267,69 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any failure means the file is not a usable state
         raise CheckpointError(f"{path} is not a readable training state ({type(e).__name__}): delete it to resume "
                               f"from the previous one") from None
+
+
+def state_emas(state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """The EMA networks' weights held by a training state, by name (``ema-0.995``, ``ema-std0.100``, ...),
+    in the order the run keeps them (its fixed EMA first)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for member in state.get("ema", {}).values():
+        out.update({name: sd for name, sd in member.items() if isinstance(sd, dict)})
+    return out
+
+
+def _run_state(run_dir: Path, nimg: int | None) -> tuple[int, Path]:
+    states = list_states(run_dir)
+    if not states:
+        raise CheckpointError(f"{run_dir} holds no training state (checkpoints/training-state-*.pt): pass the folder "
+                              f"of an `ectune pretrain` / `tune` / `train-ict` run")
+    if nimg is None:
+        return states[-1]
+    for n, path in states:
+        if n == nimg:
+            return n, path
+    raise CheckpointError(f"{run_dir} has no training state at {nimg} images: it has "
+                          f"{', '.join(str(n) for n, _ in states)}")
+
+
+def run_emas(run_dir: str | os.PathLike, nimg: int | None = None) -> tuple[int, list[str], str]:
+    """Images seen, EMA names and the name the run exports (its model/) for a run's training state at
+    ``nimg`` (default: the latest)."""
+    run_dir = Path(run_dir)
+    n, path = _run_state(run_dir, nimg)
+    names = list(state_emas(load_state(path)))
+    try:
+        exported = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["ema"]["export"]
+    except (OSError, ValueError, KeyError, TypeError):
+        exported = None
+    return n, names, exported or (names[0] if names else "")
+
+
+def export_ema(run_dir: str | os.PathLike, name: str, dest: str | os.PathLike | None = None,
+               nimg: int | None = None) -> Path:
+    """Write the EMA ``name`` of a run's training state at ``nimg`` (default: the latest) as a model folder
+    ``dest`` (default ``RUN/model-NAME``), e.g. one of the power-function EMAs of ``--ema.stds``.
+
+    The network description comes from the run's exported model (RUN/model/config.json), with ``nimg``
+    and ``ema`` recording where the weights come from. The weights are checked against that network
+    before anything is written; ``dest`` must be new or empty, and ends up complete or untouched.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "model" / "config.json").is_file():
+        raise CheckpointError(f"{run_dir} has no exported model (model/config.json): pass a run folder that has "
+                              f"reached its first checkpoint")
+    info = _read_model_info(run_dir / "model")
+    n, path = _run_state(run_dir, nimg)
+    emas = state_emas(load_state(path))
+    if name not in emas:
+        raise CheckpointError(f"the training state at {n} images has no EMA {name!r}: choose one of "
+                              f"{', '.join(emas) or '(none)'}")
+    net = build_from_info(info)
+    try:
+        net.load_state_dict(emas[name], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"EMA {name!r} does not match the network in {run_dir / 'model' / 'config.json'} "
+                              f"({str(e).strip().splitlines()[0]})") from None
+    info = replace(info, extra={**info.extra, "nimg": n, "ema": name})
+    dest = Path(dest) if dest is not None else run_dir / f"model-{name}"
+    return write_folder_atomic(dest, "model", lambda tmp: save_model(tmp, net, info))

@@ -1,4 +1,4 @@
-"""The ``ectune`` command line: pretrain, tune, train-ict, sample, convert, eval, plot.
+"""The ``ectune`` command line: pretrain, tune, train-ict, sample, convert, export-ema, eval, plot.
 
 Every config option is a flag named by its dotted key (``--ect.q 4``, ``--optim.lr 2e-4``,
 ``--network.kwargs.model_channels 32``); ``--config FILE`` reads a JSON config first; ``--dry-run``
@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-noising before the second step: ect (tau z) or ict (sqrt(tau^2 - sigma_min^2) z)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=_cmd_export_diffusers)
+    p = sub.add_parser("export-ema", help="write one of a run's EMAs (e.g. a power-function EMA of --ema.stds) as a "
+                                          "model folder; without --ema, list them")
+    p.add_argument("run", metavar="RUN_DIR", help="run folder (ectune pretrain / tune / train-ict)")
+    p.add_argument("--ema", default=None, help="EMA name, e.g. ema-std0.100 (default: list the EMAs and exit)")
+    p.add_argument("--dest", default=None, help="new (or empty) folder for the model (default: RUN_DIR/model-EMA)")
+    p.add_argument("--nimg", type=int, default=None,
+                   help="training state to read, by images seen (default: the latest)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=_cmd_export_ema)
     p = sub.add_parser("sample", help="generate images from a model folder", formatter_class=_HelpFormatter)
     p.add_argument("model", help="model folder (or run folder)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -183,7 +192,6 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {result.run_dir}\nmodel: {result.model_dir}\nimages seen: {result.nimg}")
         saved = json.loads((Path(result.run_dir) / "config.json").read_text(encoding="utf-8"))
-        saved.pop("schema_version", None)
         run_cfg = C.from_dict(C.TrainConfig, saved)
         if run_cfg.report_num_images and not result.interrupted:
             from ectune.report import write_tune_report
@@ -249,6 +257,23 @@ def _cmd_export_diffusers(args: argparse.Namespace, overrides: dict[str, Any]) -
     if overrides:
         raise UserError(f"export-diffusers takes no config options, got {', '.join(overrides)}")
     return cli_export_diffusers(args.model, args.dest, args.mid_sigma, args.sigma_max, args.renoise)
+
+
+def _cmd_export_ema(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from ectune.checkpoint import export_ema, run_emas
+
+    if overrides:
+        raise UserError(f"export-ema takes no config options, got {', '.join(overrides)}")
+    if args.ema is None:
+        if args.dest is not None:
+            raise UserError("--dest needs --ema NAME: which EMA to write")
+        nimg, names, exported = run_emas(args.run, args.nimg)
+        print(f"EMAs in the training state at {nimg} images (write one with --ema NAME):")
+        for name in names:
+            print(f"  {name}" + ("  (the run's model/)" if name == exported else ""))
+        return 0
+    print(f"wrote {export_ema(args.run, args.ema, args.dest, args.nimg)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
