@@ -40,7 +40,8 @@ def measure(run_dir: Path, num_images: int, out: Path, **report_kw) -> dict:
                          f"`ectune tune` run")
     stats = records[-1]
     out.mkdir(parents=True, exist_ok=True)
-    write_tune_report(run_dir, cfg, train_wall_s=stats["wall_s"], nimg=stats["nimg"], out_dir=out, **report_kw)
+    write_tune_report(run_dir, cfg, train_wall_s=stats["wall_s"], nimg=stats["nimg"], out_dir=out,
+                      right_after_training=False, **report_kw)
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 

@@ -53,6 +53,7 @@ def test_shortened_default_tune_writes_grids_results_and_report(tmp_path):
     assert f"report: {run / 'report.md'}" in r.stdout
     results = json.loads((run / "results.json").read_text())
     assert results["images_seen"] == 256 and results["num_images"] == 24 and results["teacher"] == "builtin:mnist"
+    assert results["total_wall_s"] == pytest.approx(results["train_wall_s"] + results["report_wall_s"])
     assert [row["nfe"] for row in results["rows"]] == [35, 1, 2]
     for row in results["rows"]:
         assert math.isfinite(row["fid"]) and row["fid"] > 0 and math.isfinite(row["kid"])
@@ -170,7 +171,10 @@ def test_tune_targets_is_the_report_at_larger_n_and_reuses_the_cached_teacher_ro
     assert first["num_images"] == 20 and first["images_seen"] == 64 and first["train_wall_s"] == 3.0
     assert (run / "targets-n20" / "report.md").is_file() and (run / "targets-n20" / "grid-side-by-side.png").is_file()
     assert not (run / "report.md").exists()
-    assert "biased upward" in (run / "targets-n20" / "report.md").read_text()  # small N is flagged, N >= 5,000 not
+    report = (run / "targets-n20" / "report.md").read_text()
+    assert "biased upward" in report  # small N is flagged, N >= 5,000 not
+    # measured after the training, not right after it: no total of the two wall times
+    assert first["total_wall_s"] is None and "measured later" in report and "total" not in report
     assert "biased upward" not in format_report({**first, "num_images": QUOTABLE_N})
     second = tt.measure(run, 20, tmp_path / "again", encoder=enc)
     assert "from_cache" not in first["rows"][0] and "from_cache" in second["rows"][0]
