@@ -240,6 +240,8 @@ def test_compile_option_trains(tmp_path):
 
 
 def test_export_ema_writes_any_of_a_runs_emas_as_a_model(tmp_path, capsys):
+    """`ectune export-ema` lists a run's EMAs and writes the named one, from the latest or a chosen
+    training state, bit for bit; bad input is one line, exit 2, with nothing written."""
     from ectune.checkpoint import state_emas
     from ectune.cli import main
 
