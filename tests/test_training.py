@@ -285,3 +285,5 @@ def test_export_ema_writes_any_of_a_runs_emas_as_a_model(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert (out / "model.safetensors").read_bytes() == before and not (tmp_path / "x").exists()
     assert main(["export-ema", str(tmp_path)]) == 2 and "holds no training state" in capsys.readouterr().err
+    for args in ([], ["--ema", "ema-0.99"]):
+        assert main(["export-ema", str(tmp_path / "nope"), *args]) == 2 and "does not exist" in capsys.readouterr().err

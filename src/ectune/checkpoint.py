@@ -279,6 +279,9 @@ def state_emas(state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _run_state(run_dir: Path, nimg: int | None) -> tuple[int, Path]:
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} does not exist or is not a folder: pass the folder of an `ectune pretrain` / "
+                              f"`tune` / `train-ict` run")
     states = list_states(run_dir)
     if not states:
         raise CheckpointError(f"{run_dir} holds no training state (checkpoints/training-state-*.pt): pass the folder "
@@ -315,11 +318,11 @@ def export_ema(run_dir: str | os.PathLike, name: str, dest: str | os.PathLike | 
     before anything is written; ``dest`` must be new or empty, and ends up complete or untouched.
     """
     run_dir = Path(run_dir)
+    n, path = _run_state(run_dir, nimg)
     if not (run_dir / "model" / "config.json").is_file():
         raise CheckpointError(f"{run_dir} has no exported model (model/config.json): pass a run folder that has "
                               f"reached its first checkpoint")
     info = _read_model_info(run_dir / "model")
-    n, path = _run_state(run_dir, nimg)
     emas = state_emas(load_state(path))
     if name not in emas:
         raise CheckpointError(f"the training state at {n} images has no EMA {name!r}: choose one of "
