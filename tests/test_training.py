@@ -271,7 +271,9 @@ def test_export_ema_writes_any_of_a_runs_emas_as_a_model(tmp_path, capsys):
     assert main(["export-ema", str(run), "--ema", "ema-std0.100", "--nimg", "256",
                  "--dest", str(tmp_path / "early")]) == 0
     early = state_emas(load_state(states[256]))["ema-std0.100"]
+    assert weights(tmp_path / "early").keys() == early.keys()
     assert all(torch.equal(weights(tmp_path / "early")[k], early[k]) for k in early)
+    assert load_model(tmp_path / "early")[1].extra["nimg"] == 256
     capsys.readouterr()
 
     # bad input: one line, exit 2, nothing written or overwritten
@@ -287,3 +289,36 @@ def test_export_ema_writes_any_of_a_runs_emas_as_a_model(tmp_path, capsys):
     assert main(["export-ema", str(tmp_path)]) == 2 and "holds no training state" in capsys.readouterr().err
     for args in ([], ["--ema", "ema-0.99"]):
         assert main(["export-ema", str(tmp_path / "nope"), *args]) == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_export_ema_of_a_run_with_power_emas_only(tmp_path, capsys):
+    """No fixed EMA, model/ = a power-function EMA named by --ema.export: the listing marks that one, and
+    weights that do not fit model/'s network are refused with the offending key named."""
+    from ectune.cli import main
+
+    cfg = tiny_cfg(tmp_path, **{"ema.beta": "null", "ema.stds": "[0.05, 0.1]", "ema.export": "ema-std0.100"})
+    run = train(cfg, progress=False).run_dir
+    assert main(["export-ema", str(run)]) == 0
+    listing = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in listing] == ["ema-std0.050", "ema-std0.100"]
+    assert "exports as model/" in listing[1] and "exports" not in listing[0]
+    assert main(["export-ema", str(run), "--ema", "ema-std0.100", "--dest", str(tmp_path / "own")]) == 0
+    own, model = weights(tmp_path / "own"), weights(run / "model")
+    assert own.keys() == model.keys() and all(torch.equal(own[k], model[k]) for k in own)
+
+    # model/ describing another network than the run trained: refused, nothing written
+    info = json.loads((run / "model" / "config.json").read_text())
+    info["network"]["kwargs"]["hidden_dim"] = 16
+    (run / "model" / "config.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main(["export-ema", str(run), "--ema", "ema-std0.050"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match the network" in err[0] and "size mismatch" in err[0], err
+    assert not (run / "model-ema-std0.050").exists()
+    # killed between its training state and model/: told to resume
+    for f in (run / "model").iterdir():
+        f.unlink()
+    (run / "model").rmdir()
+    assert main(["export-ema", str(run), "--ema", "ema-std0.050"]) == 2
+    assert f"resume the run (--resume {run})" in capsys.readouterr().err
+

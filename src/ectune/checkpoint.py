@@ -320,8 +320,8 @@ def export_ema(run_dir: str | os.PathLike, name: str, dest: str | os.PathLike | 
     run_dir = Path(run_dir)
     n, path = _run_state(run_dir, nimg)
     if not (run_dir / "model" / "config.json").is_file():
-        raise CheckpointError(f"{run_dir} has no exported model (model/config.json): pass a run folder that has "
-                              f"reached its first checkpoint")
+        raise CheckpointError(f"{run_dir} has a training state but no exported model (model/config.json), which "
+                              f"describes the network: resume the run (--resume {run_dir}) to write it")
     info = _read_model_info(run_dir / "model")
     emas = state_emas(load_state(path))
     if name not in emas:
@@ -331,8 +331,10 @@ def export_ema(run_dir: str | os.PathLike, name: str, dest: str | os.PathLike | 
     try:
         net.load_state_dict(emas[name], strict=True)
     except RuntimeError as e:
+        lines = str(e).strip().splitlines()
         raise CheckpointError(f"EMA {name!r} does not match the network in {run_dir / 'model' / 'config.json'} "
-                              f"({str(e).strip().splitlines()[0]})") from None
+                              f"({(lines[1] if len(lines) > 1 else lines[0]).strip()}): model/ is not from this "
+                              f"run's training; resume the run (--resume {run_dir}) to export it again") from None
     info = replace(info, extra={**info.extra, "nimg": n, "ema": name})
     dest = Path(dest) if dest is not None else run_dir / f"model-{name}"
     return write_folder_atomic(dest, "model", lambda tmp: save_model(tmp, net, info))

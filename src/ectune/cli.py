@@ -270,7 +270,7 @@ def _cmd_export_ema(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         nimg, names, exported = run_emas(args.run, args.nimg)
         print(f"EMAs in the training state at {nimg} images (write one with --ema NAME):")
         for name in names:
-            print(f"  {name}" + ("  (the run's model/)" if name == exported else ""))
+            print(f"  {name}" + ("  (the EMA the run exports as model/)" if name == exported else ""))
         return 0
     print(f"wrote {export_ema(args.run, args.ema, args.dest, args.nimg)}")
     return 0
