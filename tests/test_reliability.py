@@ -125,3 +125,27 @@ def test_resume_auto_starts_resumes_and_refuses_another_run(tmp_path):
     (tmp_path / "run" / "checkpoints").rename(tmp_path / "moved")
     with pytest.raises(Exception, match="holds another run"):
         resume_or_start(other, progress=False)
+
+
+def test_stale_temporary_files_and_folders_are_removed_and_nothing_else(tmp_path):
+    """What a killed atomic_write (a file) or write_folder_atomic (a folder, e.g. from export-ema)
+    leaves behind is removed on resume; finished files and folders stay."""
+    from ectune.checkpoint import remove_stale_temp_files
+
+    (tmp_path / "checkpoints").mkdir()
+    stale_file = tmp_path / "checkpoints" / ".training-state-000000000256.pt.ab12.tmp"
+    stale_dir = tmp_path / ".model-ema-std0.100.cd34.tmp"
+    stale_file.write_bytes(b"half")
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"half")
+    (stale_dir / ".config.json.ef56.tmp").write_text("{")  # a temporary file inside a temporary folder
+    keep = [tmp_path / "checkpoints" / "training-state-000000000256.pt", tmp_path / "model" / "config.json",
+            tmp_path / "notes.tmp"]
+    for k in keep:
+        k.parent.mkdir(exist_ok=True)
+        k.write_text("x")
+    removed = remove_stale_temp_files(tmp_path)
+    assert stale_file in removed and stale_dir in removed
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert all(k.read_text() == "x" for k in keep)
+

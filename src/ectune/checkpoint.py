@@ -58,11 +58,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that :func:`atomic_write` leaves when its process is killed mid-write
-    (``.<name>.<random>.tmp``) anywhere under ``folder``. Returns what was removed."""
+    """Delete the temporary files and folders that :func:`atomic_write` and :func:`write_folder_atomic`
+    leave when their process is killed mid-write (``.<name>.<random>.tmp``) anywhere under ``folder``.
+    Returns what was removed."""
     removed = []
-    for p in Path(folder).rglob(".*.tmp"):
-        if p.is_file():
+    for p in sorted(Path(folder).rglob(".*.tmp")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.is_file():
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
