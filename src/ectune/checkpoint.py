@@ -212,6 +212,12 @@ def build_from_info(info: ModelInfo, *, dropout: float | None = None) -> nn.Modu
     return build_network(info.network, **kwargs)
 
 
+def _mismatch(e: RuntimeError) -> str:
+    """The first offending key of torch's load_state_dict error (its first line is only a header)."""
+    lines = str(e).strip().splitlines()
+    return (lines[1] if len(lines) > 1 else lines[0]).strip()
+
+
 def load_model(path: str | os.PathLike, *, dropout: float | None = None,
                device: torch.device | str = "cpu") -> tuple[Denoiser, ModelInfo]:
     """Rebuild a denoiser from a model folder (or run folder). ``dropout`` overrides the stored value."""
@@ -228,9 +234,7 @@ def load_model(path: str | os.PathLike, *, dropout: float | None = None,
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{weights} does not match the network in config.json "
-                              f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+        raise CheckpointError(f"{weights} does not match the network in config.json ({_mismatch(e)})") from None
     denoiser = Denoiser(net, sigma_data=info.sigma_data, scalings=info.scalings, sigma_min=info.sigma_min)
     return denoiser.to(device).eval(), info
 
@@ -335,10 +339,9 @@ def export_ema(run_dir: str | os.PathLike, name: str, dest: str | os.PathLike | 
     try:
         net.load_state_dict(emas[name], strict=True)
     except RuntimeError as e:
-        lines = str(e).strip().splitlines()
         raise CheckpointError(f"EMA {name!r} does not match the network in {run_dir / 'model' / 'config.json'} "
-                              f"({(lines[1] if len(lines) > 1 else lines[0]).strip()}): model/ is not from this "
-                              f"run's training; resume the run (--resume {run_dir}) to export it again") from None
+                              f"({_mismatch(e)}): model/ is not from this run's training; resume the run "
+                              f"(--resume {run_dir}) to export it again") from None
     info = replace(info, extra={**info.extra, "nimg": n, "ema": name})
     dest = Path(dest) if dest is not None else run_dir / f"model-{name}"
     return write_folder_atomic(dest, "model", lambda tmp: save_model(tmp, net, info))
