@@ -306,6 +306,7 @@ def _bad_inputs(tmp: Path, model: Path) -> dict[str, tuple[list[str], str]]:
         "search metric not computed": ([str(model), "--search-mid", "--search-metric", "recall", "--metrics", "fid"],
                                        "not among"),
         "levels that do not decrease": ([str(model), "--steps", "3", "--sigmas", "0.5,2"], "must decrease"),
+        "a level of zero": ([str(model), "--sigmas", "0"], "stay positive"),
     }
 
 
@@ -323,6 +324,91 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_mod
         assert not out.exists() and not (tmp_path / "xdg").exists(), label
         messages.append(f"{label}: {lines[0]}")
     print("\n".join(messages))  # shown with pytest -s
+
+
+def test_sample_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, image_model, capsys):
+    out = tmp_path / "out.npz"
+    cases = {
+        "a level of zero": (["--sigmas", "0"], "stay positive"),
+        "a negative level": (["--sigmas", "-1"], "stay positive"),
+        "a level above sigma_max": (["--sigmas", "90"], "decrease from 80"),
+        "3 steps without levels": (["--steps", "3"], "pass --sigmas"),
+        "a batch of 0": (["--batch", "0"], "batch must be positive"),
+        "levels for an ODE solver": (["--method", "heun", "--sigmas", "0.5"], "applies to consistency"),
+    }
+    for label, (args, expect) in cases.items():
+        rc = main(["sample", str(image_model), *args, "--num_images", "4", "--out", str(out)])
+        captured = capsys.readouterr()
+        assert rc == 2, label
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], (label, captured.err)
+        assert not out.exists(), label
+    assert main(["sample", str(image_model), "--steps", "3", "--sigmas", "2,0.5", "--num_images", "4",
+                 "--out", str(out)]) == 0
+    assert np.load(out)["x"].shape == (4, 1, 8, 8)
+
+
+def test_seed_labels_cycle_through_the_classes_whatever_the_batch():
+    from ectune.sampling import seed_labels
+    assert seed_labels([0, 1, 2], 0) is None
+    labels = seed_labels(range(-2, 10), 4)
+    assert labels.shape == (12, 4) and torch.equal(labels.sum(1), torch.ones(12))
+    assert labels.argmax(1).tolist() == [2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert torch.equal(labels[5:9], seed_labels([3, 4, 5, 6], 4))
+
+
+@pytest.fixture()
+def conditional_model(tmp_path) -> Path:
+    """An 8x8 grayscale consistency model with 3 classes and random weights (large enough for the
+    class to show in uint8 images)."""
+    torch.manual_seed(0)
+    kwargs = dict(TINY_UNET, label_dim=3)
+    net = build_network("songunet", **kwargs)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.normal_(0.0, 3.0 if "label" in name else 0.2)
+    info = ModelInfo(network="songunet", kwargs=kwargs, sigma_data=0.5, scalings="cm", sigma_min=0.002,
+                     method="ect", data_shape=(1, 8, 8), label_dim=3, mid_sigma=0.821, extra={"data": "digits"})
+    save_model(tmp_path / "cond-model", net, info)
+    return tmp_path / "cond-model"
+
+
+def test_every_sampling_path_gives_a_seed_the_same_class(tmp_path, conditional_model):
+    """`ectune sample` / `eval` (sample_images), the tune report (sample_setting) and the training
+    previews and metrics all label seed s with class s mod label_dim: the same seeds give the same
+    images on every path, and the label reaches the network."""
+    from ectune.checkpoint import load_model
+    from ectune.preview import generate
+    from ectune.report import sample_setting
+    from ectune.sample_cmd import sample_images
+    from ectune.sampling import seed_labels, to_uint8
+
+    den, info = load_model(conditional_model)
+    x, _ = sample_images(C.SampleConfig(model=str(conditional_model), num_images=5, seed=1, batch=2, steps=1))
+    direct = generate(den, info, method="consistency", steps=1, seeds=[1, 2, 3, 4, 5],
+                      labels=seed_labels([1, 2, 3, 4, 5], 3))
+    torch.testing.assert_close(x, direct, rtol=1e-5, atol=1e-6)  # batches of 2 against one of 5
+    report = sample_setting(den, info, dict(method="consistency", steps=1), 6, batch=4)
+    assert (report[1:6].int() - to_uint8(direct).int()).abs().max() <= 1
+    unlabelled = generate(den, info, method="consistency", steps=1, seeds=[1, 2, 3, 4, 5])
+    assert (to_uint8(unlabelled).int() - to_uint8(direct).int()).abs().max() > 10
+    one_class, _ = sample_images(C.SampleConfig(model=str(conditional_model), num_images=2, seed=1, steps=1,
+                                                class_label=2))
+    torch.testing.assert_close(one_class[1], direct[1], rtol=1e-5, atol=1e-6)  # seed 2 has class 2 either way
+    assert (one_class[0] - direct[0]).abs().max() > 0.01  # seed 1: class 2 against class 1
+    # a cached teacher row records the label rule of a conditional teacher, so rows sampled without
+    # labels (or with another rule) are not reused; an unconditional teacher's rows carry none
+    from ectune.metrics.store import read_entry, write_entry
+    from ectune.report import _teacher_entry
+    s = dict(method="consistency", steps=1)
+    expected, places = _teacher_entry(conditional_model, s, 6, ProjectionEncoder(), 3)
+    assert expected["labels"] == "seed mod 3"
+    assert _teacher_entry(conditional_model, s, 6, ProjectionEncoder(), 0)[0]["labels"] is None
+    npz, js = tmp_path / "row.npz", tmp_path / "row.json"
+    write_entry(npz, js, {"images": report.numpy()}, dict(expected, labels=None))
+    assert read_entry(npz, js, expected, list(expected), {"images": (6, 1, 8, 8)}) is None
+    write_entry(npz, js, {"images": report.numpy()}, expected)
+    assert read_entry(npz, js, expected, list(expected), {"images": (6, 1, 8, 8)}) is not None
 
 
 def test_cli_bad_input_in_a_subprocess(tmp_path):

@@ -120,7 +120,7 @@ def test_report_caches_the_teacher_row_and_uses_it_only_when_it_checks_out(tmp_p
     assert (run / "grid-teacher-35nfe.png").read_bytes() == grid
 
     # another model's images under the same provenance: the check fails, the row is computed again
-    expected, places = _teacher_entry(tmp_path / "teacher", {"method": "heun", "steps": 18}, 24, enc)
+    expected, places = _teacher_entry(tmp_path / "teacher", {"method": "heun", "steps": 18}, 24, enc, 0)
     npz, js = places[-1]
     arrays, prov = read_entry(npz, js, expected, list(expected), {"images": (24, 1, 8, 8), "features": (24, 16)})
     write_entry(npz, js, {"images": 255 - arrays["images"], "features": arrays["features"]},
@@ -147,7 +147,7 @@ def test_shipped_report_features_agree_with_the_shipped_teacher_and_encoder(tmp_
     assert (SHIPPED_FEATURES / f"{evaluator.info['id']}-inception_v3-n{n}.npz").is_file()
     denoiser, info = load_model(cfg.teacher)
     s = _settings(info.mid_sigma)["teacher, Heun 35 NFE"]
-    expected, places = _teacher_entry(builtin_model("mnist"), s, n, evaluator.encoder)
+    expected, places = _teacher_entry(builtin_model("mnist"), s, n, evaluator.encoder, info.label_dim)
     row = _cached_teacher_row(denoiser, info, s, expected, places[:1], n, evaluator, "cpu")
     assert row is not None and row[0].shape == (n, 1, 28, 28) and row[1].shape == (n, 2048)
 

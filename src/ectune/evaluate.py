@@ -48,7 +48,7 @@ from ectune.data import TOY_DATASETS, ArrayDataset, load_dataset, sample_toy
 from ectune.errors import ConfigError, DataError, UserError
 from ectune.metrics import Encoder, compute_metrics, get_encoder, mmd_rbf, reference_stats, sliced_wasserstein
 from ectune.precond import Denoiser
-from ectune.sampling import nfe, to_uint8
+from ectune.sampling import SIGMA_MAX, consistency_levels, nfe, seed_labels, to_uint8
 
 RESULTS_FORMAT = "ectune-eval"
 RESULTS_SCHEMA_VERSION = 1
@@ -58,7 +58,6 @@ HIGHER_IS_BETTER = frozenset({"precision", "recall"})
 ENCODER_ALIASES = {"inception": "inception_v3", "inception_v3": "inception_v3", "dinov2": "dinov2"}
 TOY_REFERENCE_SEED = 20_240_601
 """Seed of the fresh points of a 2-D toy's true distribution that generated points are compared with."""
-SIGMA_MAX = 80.0
 
 
 SHIPPED_FEATURES = Path(__file__).resolve().parent / "assets" / "reference"
@@ -69,18 +68,6 @@ def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/ectune, or ~/.cache/ectune."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "ectune"
-
-
-def consistency_levels(steps: int, mid_sigma: float, sigma_max: float = SIGMA_MAX) -> list[float]:
-    """Levels after sigma_max for ``steps``-step consistency sampling, spaced geometrically from
-    sigma_max down to ``mid_sigma``: [] for 1 step, [mid_sigma] for 2, [sqrt(80 mid), mid] for 3.
-
-    A default for step sweeps only (the CM papers tune multistep levels per model); give explicit
-    levels with ``--sigmas`` for one setting.
-    """
-    if steps < 1:
-        raise ConfigError(f"consistency sampling needs at least 1 step, got {steps}")
-    return [sigma_max * (mid_sigma / sigma_max) ** (i / (steps - 1)) for i in range(1, steps)]
 
 
 def resolve_metrics(spec: str, is_image: bool, encoder_name: str = "inception_v3") -> tuple[str, ...]:
@@ -308,7 +295,7 @@ def sample_model(model: str, setting: Setting, cfg: EvalConfig, num_images: int,
 
 def plan_settings(cfg: EvalConfig, info: ModelInfo) -> tuple[str, list[Setting]]:
     """The mode ("single", "steps_sweep" or "search_mid") and its sampler settings."""
-    from ectune.sample_cmd import resolve_method
+    from ectune.sample_cmd import checked_levels, resolve_method
 
     if cfg.search_mid and cfg.steps_sweep:
         raise ConfigError("--search-mid and --steps-sweep are separate scans: run them one at a time")
@@ -339,21 +326,8 @@ def plan_settings(cfg: EvalConfig, info: ModelInfo) -> tuple[str, list[Setting]]
         return "steps_sweep", settings
     scfg = dataclasses.replace(SampleConfig(), method=cfg.method, steps=cfg.steps, sigmas=tuple(cfg.sigmas))
     method, steps = resolve_method(scfg, info.method)
-    if method == "consistency":
-        if cfg.sigmas:
-            levels = [float(s) for s in cfg.sigmas]
-            chain = [SIGMA_MAX, *levels]
-            if any(not 0 < b < a for a, b in zip(chain, chain[1:])):
-                raise ConfigError(f"--sigmas must decrease from {SIGMA_MAX:g} and stay positive, got {levels}")
-        elif steps <= 2:
-            levels = consistency_levels(steps, info.mid_sigma)
-        else:
-            raise ConfigError(f"{steps}-step consistency sampling needs {steps - 1} levels: pass --sigmas, e.g. "
-                              f"{','.join(f'{s:.3g}' for s in consistency_levels(steps, info.mid_sigma))}")
-        return "single", [Setting(method, steps, tuple(levels))]
-    if cfg.sigmas:
-        raise ConfigError(f"--sigmas applies to consistency sampling, not {method}")
-    return "single", [Setting(method, steps)]
+    levels = checked_levels(cfg.sigmas, steps, info.mid_sigma) if method == "consistency" else []
+    return "single", [Setting(method, steps, tuple(levels))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,9 +579,7 @@ def training_metrics(net: nn.Module, info: ModelInfo, cfg: TrainConfig, device: 
     parts = []
     for start in range(0, n, batch):
         seeds = list(range(start, min(start + batch, n)))
-        labels = None
-        if info.label_dim:
-            labels = torch.eye(info.label_dim, device=device)[torch.tensor(seeds, device=device) % info.label_dim]
+        labels = seed_labels(seeds, info.label_dim, device)
         x = generate(denoiser, info, seeds=seeds, labels=labels, device=device, **kw).cpu()
         parts.append(to_uint8(x) if is_image else x.float())
     samples = torch.cat(parts)

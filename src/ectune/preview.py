@@ -10,7 +10,7 @@ from torch import nn
 from ectune.checkpoint import ModelInfo
 from ectune.images import grid, save_png, save_scatter, side_by_side
 from ectune.precond import Denoiser
-from ectune.sampling import PerImageNoise, consistency_sample, edm_sample, to_uint8
+from ectune.sampling import PerImageNoise, consistency_sample, edm_sample, seed_labels, to_uint8
 
 
 def generate(denoiser: Denoiser, info: ModelInfo, *, method: str, steps: int, seeds: list[int], sigmas=None,
@@ -33,9 +33,7 @@ def write_preview(path: Path, net: nn.Module, info: ModelInfo, preview, device: 
     consistency models (same seeds, side by side)."""
     denoiser = Denoiser(net, info.sigma_data, info.scalings, info.sigma_min).to(device).eval()
     seeds = list(range(preview.num_images))
-    labels = None
-    if info.label_dim:
-        labels = torch.eye(info.label_dim, device=device)[torch.arange(len(seeds), device=device) % info.label_dim]
+    labels = seed_labels(seeds, info.label_dim, device)
     if info.method == "edm":
         runs = {f"Heun {2 * (preview.steps or 18) - 1} NFE": dict(method="heun", steps=preview.steps or 18)}
     else:

@@ -19,7 +19,7 @@ from ectune.images import grid, save_png, save_scatter, side_by_side
 from ectune.metrics.encoders import sha256_file
 from ectune.metrics.store import features_agree, read_entry, write_entry
 from ectune.preview import generate
-from ectune.sampling import to_uint8
+from ectune.sampling import seed_labels, to_uint8
 
 GRID_IMAGES = 64
 logger = logging.getLogger(__name__)
@@ -39,15 +39,18 @@ TEACHER_CACHE_FORMAT = 1
 TEACHER_CHECK_SEEDS = 16
 """Teacher samples drawn and encoded again to check a cached teacher row before it is used."""
 _TEACHER_KEYS = ("format", "teacher_weights_sha256", "teacher_config_sha256", "method", "steps", "sigmas", "seeds",
-                 "encoder", "encoder_hash", "feature_dim")
+                 "labels", "encoder", "encoder_hash", "feature_dim")
 
 
-def _teacher_entry(folder: Path, s: dict[str, Any], n: int, encoder) -> tuple[dict[str, Any], list[tuple[Path, Path]]]:
+def _teacher_entry(folder: Path, s: dict[str, Any], n: int, encoder,
+                   label_dim: int) -> tuple[dict[str, Any], list[tuple[Path, Path]]]:
     """The provenance a cached teacher row must have, and where to look for one: shipped beside the
-    teacher (report-cache/), then the user's metric cache."""
+    teacher (report-cache/), then the user's metric cache. ``labels`` names the class-label rule of a
+    conditional teacher; it is absent (None) for an unconditional one."""
     expected = {"format": TEACHER_CACHE_FORMAT, "teacher_weights_sha256": sha256_file(folder / "model.safetensors"),
                 "teacher_config_sha256": sha256_file(folder / "config.json"), "method": s["method"],
-                "steps": s["steps"], "sigmas": s.get("sigmas", []), "seeds": [0, n], "encoder": encoder.name,
+                "steps": s["steps"], "sigmas": s.get("sigmas", []), "seeds": [0, n],
+                "labels": f"seed mod {label_dim}" if label_dim else None, "encoder": encoder.name,
                 "encoder_hash": encoder.file_hash, "feature_dim": encoder.feature_dim}
     stem = f"teacher-{s['method']}{s['steps']}-n{n}-{encoder.name}"
     user = default_cache_dir() / f"{stem}-{expected['teacher_weights_sha256'][:16]}"
@@ -64,9 +67,13 @@ def images_agree(fresh: np.ndarray, stored: np.ndarray) -> bool:
 
 def sample_setting(denoiser, minfo, s: dict[str, Any], n: int, *, batch: int = 250,
                    device: str | torch.device = "cpu") -> torch.Tensor:
-    """Samples of one report setting on seeds 0..n-1: uint8 images, or float points for 2-D data."""
-    parts = [generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"),
-                      seeds=list(range(i, min(i + batch, n))), device=device) for i in range(0, n, batch)]
+    """Samples of one report setting on seeds 0..n-1 (class labels by :func:`seed_labels`): uint8
+    images, or float points for 2-D data."""
+    parts = []
+    for i in range(0, n, batch):
+        seeds = list(range(i, min(i + batch, n)))
+        parts.append(generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"), seeds=seeds,
+                              labels=seed_labels(seeds, minfo.label_dim, device), device=device))
     x = torch.cat(parts).cpu()
     return to_uint8(x) if x.ndim == 4 else x.float()
 
@@ -136,7 +143,8 @@ def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: fl
         row = {"name": title, "grid": f"grid-{s['slug']}.png", "nfe": s["nfe"], "method": s["method"],
                "steps": s["steps"], "sigmas": s.get("sigmas", [])}
         teacher = s["model"] == "teacher" and cacheable
-        expected, places = _teacher_entry(teacher_folder, s, n, evaluator.encoder) if teacher else ({}, [])
+        expected, places = (_teacher_entry(teacher_folder, s, n, evaluator.encoder, minfo.label_dim) if teacher
+                            else ({}, []))
         cached = _cached_teacher_row(denoiser, minfo, s, expected, places, n, evaluator, device) if teacher else None
         if cached is not None:
             samples[title], feats, row["from_cache"] = cached

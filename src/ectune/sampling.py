@@ -18,6 +18,31 @@ from ectune.errors import ConfigError
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+SIGMA_MAX = 80.0
+"""The first noise level of every sampler here (EDM's sigma_max)."""
+
+
+def consistency_levels(steps: int, mid_sigma: float, sigma_max: float = SIGMA_MAX) -> list[float]:
+    """Levels after sigma_max for ``steps``-step consistency sampling, spaced geometrically from
+    sigma_max down to ``mid_sigma``: [] for 1 step, [mid_sigma] for 2, [sqrt(80 mid), mid] for 3.
+
+    A default for step sweeps only (the CM papers tune multistep levels per model); give explicit
+    levels with ``--sigmas`` for one setting.
+    """
+    if steps < 1:
+        raise ConfigError(f"consistency sampling needs at least 1 step, got {steps}")
+    return [sigma_max * (mid_sigma / sigma_max) ** (i / (steps - 1)) for i in range(1, steps)]
+
+
+def seed_labels(seeds: Sequence[int], label_dim: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """One-hot class labels for the images of ``seeds``: seed s gets class s mod label_dim, so a
+    sample's label does not depend on its batch and any run of consecutive seeds is class-balanced.
+    None for an unconditional model (label_dim 0)."""
+    if not label_dim:
+        return None
+    ids = torch.tensor([int(s) % label_dim for s in seeds], dtype=torch.long)
+    return torch.eye(label_dim)[ids].to(device)
+
 
 class PerImageNoise:
     """Independent Gaussian noise streams, one per image: ``randn()`` returns (B, *shape) whose row j
@@ -56,8 +81,8 @@ def consistency_sample(denoiser: DenoiseFn, noise: PerImageNoise, sigmas: Sequen
     """
     if len(sigmas) < 1:
         raise ConfigError("consistency sampling needs at least one noise level")
-    if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
-        raise ConfigError(f"consistency sampling levels must decrease, got {list(sigmas)}")
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:])) or float(sigmas[-1]) <= 0:
+        raise ConfigError(f"consistency sampling levels must decrease and stay positive, got {list(sigmas)}")
     if renoise not in ("ect", "ict"):
         raise ConfigError(f"unknown re-noising {renoise!r}: use 'ect' or 'ict'")
     x = noise.randn().to(torch.float64) * float(sigmas[0])
