@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -71,13 +72,26 @@ def test_help_explains_every_option():
     (["pretrain", "--preset", "toy2d", "--optim.lr", "-0.1"], "learning rate must be positive"),
     (["pretrain", "--preset", "toy2d", "--total_nimg", "1000"], "must be a positive multiple of batch"),
     (["tune", "--preset", "toy2d"], "needs a teacher"),
-    (["tune", "--total_nimg", "32000", "--ect.stage_nimg", "1000"], "use ect.stage_nimg >= 1455"),
+    (["tune", "--total_nimg", "32000", "--ect.stage_nimg", "1000"], "use ect.stage_nimg >= 1454"),
     (["tune", "--preset", "toy2d", "--teacher", "does-not-exist"], "does not exist"),
     (["pretrain", "--preset", "toy2d", "--batch", "many"], "batch must be an integer"),
     (["pretrain", "--preset", "toy2d", "--optim.nope", "1"], "unknown option --optim.nope"),
     (["pretrain", "--preset", "toy2d", "--data.name", "nosuchdata"], "nosuchdata"),
     (["pretrain", "--preset", "mnist", "--data.name", "swissroll"], "U-Net"),
     (["pretrain", "--preset", "mnist", "--network.kwargs.in_channels", "3"], "in_channels"),
+    # found by a review: each failed after the run folder was written, or with a traceback
+    (["pretrain", "--preset", "toy2d", "--ema.export", "nope"], "ema.export 'nope' is not one of"),
+    (["pretrain", "--preset", "toy2d", "--log_every_nimg", "0"], "log_every_nimg must be > 0"),
+    (["pretrain", "--preset", "toy2d", "--ema.stds", "0"], "ema.stds must lie in (0, 0.3]"),
+    (["pretrain", "--preset", "toy2d", "--ema.stds", "0.05,0.5"], "ema.stds must lie in (0, 0.3]"),
+    (["pretrain", "--preset", "toy2d", "--optim.betas", "0.9,1.5"], "optim.betas must be two numbers"),
+    (["pretrain", "--preset", "toy2d", "--optim.eps", "-1"], "optim.eps"),
+    (["pretrain", "--preset", "toy2d", "--optim.grad_clip", "-1"], "grad_clip must be positive"),
+    (["pretrain", "--preset", "toy2d", "--network.dropout", "1.5"], "network.dropout must be in [0, 1)"),
+    (["pretrain", "--preset", "toy2d", "--preview.num_images", "0"], "preview.num_images must be >= 1"),
+    (["pretrain", "--preset", "toy2d", "--device", "foo"], "unknown device 'foo'"),
+    (["train-ict", "--preset", "toy2d", "--ict.s0", "0"], "1 <= s0 <= s1"),
+    (["train-ict", "--preset", "toy2d", "--batch", "64", "--total_nimg", "128"], "raise total_nimg to at least 512"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     r = run_cli(*args, "--run-dir", str(tmp_path / "run"), "--no-progress", cwd=tmp_path)
@@ -86,6 +100,29 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_run_dir_that_is_a_file_and_resume_of_nothing(tmp_path):
+    (tmp_path / "afile").write_text("keep me")
+    r = run_cli("pretrain", "--preset", "toy2d", "--batch", "64", "--total_nimg", "128", "--run-dir",
+                str(tmp_path / "afile"), "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "afile").read_text() == "keep me"
+    r = run_cli("pretrain", "--resume", str(tmp_path / "nothing"), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "has no config.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_last_ect_stage_check_counts_the_last_step_not_the_total():
+    """The stage of the last step is (total - batch) // stage_nimg: 21 here, which float32 resolves."""
+    ok = C.apply_overrides(C.preset("mnist", "ect"), {"batch": 128, "total_nimg": 22016, "ect.stage_nimg": 1000})
+    C.validate(ok)
+    with pytest.raises(C.ConfigError, match="would reach stage 22"):
+        C.validate(dataclasses.replace(ok, total_nimg=23040))
+
+
+def test_integer_options_are_exact_beyond_float_precision():
+    cfg = C.apply_overrides(C.preset("toy2d", "edm"), {"seed": "9007199254740993", "batch": "1e2"})
+    assert cfg.seed == 9007199254740993 and cfg.batch == 100
 
 
 def test_teacher_that_is_not_a_checkpoint(tmp_path):

@@ -70,5 +70,5 @@ def test_tune_outputs(tuned):
     model_cfg = json.loads((run / "model" / "config.json").read_text())
     assert model_cfg["method"] == "ect" and model_cfg["precond"]["scalings"] == "cm"
     stages = [json.loads(line)["stage"] for line in (run / "stats.jsonl").read_text().splitlines()]
-    assert stages == sorted(stages) and stages[-1] == 4  # floor(409600 / 102400) at the last log
+    assert stages == sorted(stages) and stages[-1] == 3  # of the last step: (409600 - batch) // 102400
     assert list((run / "samples").glob("preview-*.png"))

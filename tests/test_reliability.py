@@ -122,9 +122,48 @@ def test_resume_auto_starts_resumes_and_refuses_another_run(tmp_path):
     again = resume_or_start(cfg, progress=False)  # finished: resumes at the end, no extra step
     assert again.nimg == 1024
     other = _cfg(tmp_path, **{"optim.lr": 5e-4})
-    (tmp_path / "run" / "checkpoints").rename(tmp_path / "moved")
-    with pytest.raises(Exception, match="holds another run"):
+    with pytest.raises(Exception, match="holds another run"):  # with states: the options would be ignored
         resume_or_start(other, progress=False)
+    (tmp_path / "run" / "checkpoints").rename(tmp_path / "moved")
+    with pytest.raises(Exception, match="holds another run"):  # before the first state: they would be lost
+        resume_or_start(other, progress=False)
+
+
+def test_resume_auto_takes_a_run_dir_spelled_another_way(tmp_path):
+    """`--run-dir runs/a/` and `runs/a` are one run: relaunching with the trailing slash resumes it."""
+    cfg = _cfg(tmp_path, total_nimg=512)
+    first = train(cfg, progress=False, stop_after_nimg=256)
+    again = resume_or_start(_cfg(tmp_path, total_nimg=512, run_dir=str(tmp_path / "run") + "/"), progress=False)
+    assert first.nimg == 256 and again.nimg == 512 and again.run_dir == first.run_dir
+
+
+def test_resumed_run_logs_the_lines_of_an_uninterrupted_one(tmp_path):
+    """The loss averaged between log lines and the non-finite tally are in the training state: a run
+    stopped between two log lines (checkpoint every 192 images, a log line every 128) and resumed logs
+    the uninterrupted run's lines, the curriculum of the step just taken included."""
+    over = {"checkpoint_every_nimg": 192, "total_nimg": 768}
+    full = train(_cfg(tmp_path / "a", **over), progress=False)
+    train(_cfg(tmp_path / "b", **over), progress=False, stop_after_nimg=192)
+    resumed = train(C.TrainConfig(), resume=str(tmp_path / "b" / "run"), progress=False)
+
+    def lines(run):
+        rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s")} for r in rows]
+
+    assert [r["nimg"] for r in lines(full.run_dir)] == [128, 256, 384, 512, 640, 768]
+    assert lines(resumed.run_dir) == lines(full.run_dir)
+
+
+def test_logged_ect_stage_is_the_stage_trained(tmp_path):
+    """Each stats line names the ECT stage of the step just taken: the last is (total - batch) // stage_nimg."""
+    teacher = train(_cfg(tmp_path / "t", total_nimg=256), progress=False)
+    cfg = C.apply_overrides(C.preset("toy2d", "ect"), {
+        "batch": 64, "total_nimg": 512, "data.max_items": 2048, "log_every_nimg": 64, "checkpoint_every_nimg": 0,
+        "run_dir": str(tmp_path / "ect"), "preview.num_images": 16, "teacher": str(teacher.model_dir),
+        "ect.stage_nimg": 128})
+    run = train(cfg, progress=False)
+    stages = [json.loads(x)["stage"] for x in (run.run_dir / "stats.jsonl").read_text().splitlines()]
+    assert stages == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_stale_temporary_files_and_folders_are_removed_and_nothing_else(tmp_path):

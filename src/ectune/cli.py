@@ -180,7 +180,10 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             raise UserError("--resume RUN_DIR continues a run with its saved config: drop the other options "
                             "(or use --resume auto with the run's own options)")
         if args.dry_run:
-            print((Path(args.resume) / "config.json").read_text(encoding="utf-8"))
+            saved = Path(args.resume) / "config.json"
+            if not saved.is_file():
+                raise UserError(f"{args.resume} has no config.json: pass the folder of a run to resume")
+            print(saved.read_text(encoding="utf-8"))
             return 0
         result = train(C.TrainConfig(), resume=args.resume, progress=not args.no_progress)
     else:

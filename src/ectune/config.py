@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ectune import schedules
 from ectune.errors import ConfigError
 from ectune.fields import opt
 from ectune.losses import ECTLoss, EDMLoss, ICTLoss
@@ -361,6 +362,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         if isinstance(value, int):
             return value  # exact, also beyond float's range
+        if isinstance(value, str):
+            try:
+                return int(value.strip())  # exact: "9007199254740993" is not rounded through a float
+            except ValueError:
+                pass  # "1e6", "2.0"
         try:
             f = float(value)
         except (TypeError, ValueError, OverflowError):
@@ -527,6 +533,24 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"ema.beta must be in [0, 1), got {cfg.ema.beta}")
     if cfg.ema.beta is None and not cfg.ema.stds:
         raise ConfigError("no EMA configured: set ema.beta (e.g. 0.9999) or ema.stds")
+    for std in cfg.ema.stds:
+        # EDM2 Eq. 3 gives no exponent gamma > -1 (an average that converges) above a std of about 0.3
+        if not 0 < std <= 0.3 or schedules.power_ema_std_to_exp(std) <= -1:
+            raise ConfigError(f"ema.stds must lie in (0, 0.3], got {std}: EDM2 uses e.g. 0.05-0.1")
+    o = cfg.optim
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}: e.g. 0.9,0.999")
+    if o.eps < 0 or o.weight_decay < 0 or o.warmup_nimg < 0 or o.ref_batches <= 0:
+        raise ConfigError("optim.eps, optim.weight_decay and optim.warmup_nimg must be >= 0 and optim.ref_batches > 0")
+    if o.grad_clip is not None and o.grad_clip <= 0:
+        raise ConfigError(f"optim.grad_clip must be positive (or unset), got {o.grad_clip}")
+    if cfg.network.dropout is not None and not 0 <= cfg.network.dropout < 1:
+        raise ConfigError(f"network.dropout must be in [0, 1), got {cfg.network.dropout}")
+    if cfg.log_every_nimg <= 0 or cfg.checkpoint_every_nimg < 0 or cfg.keep_checkpoints < 1:
+        raise ConfigError("log_every_nimg must be > 0, checkpoint_every_nimg >= 0 (0 = only at the end) and "
+                          "keep_checkpoints >= 1")
+    if cfg.preview.num_images < 1:
+        raise ConfigError(f"preview.num_images must be >= 1, got {cfg.preview.num_images}")
     if cfg.batch_gpu is not None and (cfg.batch_gpu <= 0 or cfg.batch % cfg.batch_gpu):
         raise ConfigError(f"batch_gpu ({cfg.batch_gpu}) must divide batch ({cfg.batch})")
     for name in ("train_scalings", "sample_scalings"):
@@ -546,8 +570,18 @@ def validate(cfg: TrainConfig) -> None:
         # r = t (1 - q^-(s+1) ...) is within a float32 step of t as q^-(s+1) nears 2^-24 (r = t, a 0/0
         # loss, for some t from stage 24 at q = 2).
         stages = max(1, math.floor(ECT_MIN_LOG2_DECAY / math.log2(cfg.ect.q)))
-        last = (cfg.total_nimg - 1) // cfg.ect.stage_nimg
+        last = (cfg.total_nimg - cfg.batch) // cfg.ect.stage_nimg  # the stage of the last step
         if last >= stages:
             raise ConfigError(f"ECT would reach stage {last}, where t - r(t) falls to float32's resolution of t "
                               f"(q^-(stage+1) < 2^-{ECT_MIN_LOG2_DECAY}; the loss is 0/0 once r rounds to t): use ect.stage_nimg >= "
-                              f"{math.ceil(cfg.total_nimg / stages)} ({stages} stages at q = {cfg.ect.q:g}) or a smaller q")
+                              f"{(cfg.total_nimg - cfg.batch) // stages + 1} ({stages} stages at q = {cfg.ect.q:g}) or a "
+                              "smaller q")
+    if cfg.method == "ict":
+        c = cfg.ict
+        if not 1 <= c.s0 <= c.s1:
+            raise ConfigError(f"ict.s0 and ict.s1 must satisfy 1 <= s0 <= s1, got {c.s0} and {c.s1}")
+        K = (c.total_nimg or cfg.total_nimg) // (c.batch or cfg.batch)
+        doublings = math.log2(c.s1 // c.s0) + 1
+        if math.floor(K / doublings) < 1:
+            raise ConfigError(f"the iCT curriculum doubles its levels {doublings:g} times but the run has only {K} "
+                              f"iterations: raise total_nimg to at least {math.ceil(doublings) * cfg.batch}")

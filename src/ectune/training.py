@@ -93,7 +93,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise ConfigError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
     if name == "cuda":
         return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
 
 
 def step_seed(seed: int, nimg: int, micro: int) -> int:
@@ -303,17 +306,6 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         data = data.to(device)  # a batch is an index op on the GPU: only the indices cross the bus
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
     net, info, _ = network_info(cfg, data)
-    run_dir = Path(resume) if resume else prepare_run_dir(cfg)
-    if not resume:
-        cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-        if ddp.is_main:
-            if (run_dir / "config.json").exists() or list_states(run_dir):
-                raise UserError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-dir")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / "config.json", config_mod.to_json(cfg))
-    if ddp.world > 1:
-        dist.barrier()
-
     fmt = torch.channels_last if cfg.channels_last and len(data.shape) == 3 else torch.preserve_format
     net.to(device, memory_format=fmt).train()
     for pname, p in net.named_parameters():
@@ -324,13 +316,31 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     ema = build_ema(cfg, net)  # copies of the network, already on the device
     optimizer = build_optimizer(cfg, net)
     loss_fn = build_loss(cfg)
+    export_name = cfg.ema.export or next(iter(ema.nets()))
+    if export_name not in ema.nets():
+        raise ConfigError(f"ema.export {export_name!r} is not one of {', '.join(ema.nets())}")
+    # the run folder is written only once every piece of the run is built: a setup error leaves nothing
+    run_dir = Path(resume) if resume else prepare_run_dir(cfg)
+    if not resume:
+        cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+        if ddp.is_main:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise UserError(f"--run-dir {run_dir} is a file: pick a folder")
+            if (run_dir / "config.json").exists() or list_states(run_dir):
+                raise UserError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-dir")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / "config.json", config_mod.to_json(cfg))
+    if ddp.world > 1:
+        dist.barrier()
     nimg = 0
+    tally: dict[str, Any] = {}
     if resume:
         state, skipped = _latest_readable_state(run_dir)
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         nimg = int(state["nimg"])
+        tally = state.get("tally", {})  # absent in states written before it was saved
     if ddp.world > 1:
         _check_same_parameters(net)
     model: nn.Module = denoiser
@@ -350,9 +360,6 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         _trim_stats(run_dir / "stats.jsonl", nimg)
     log.text(f"{'resuming' if resume else 'starting'} {cfg.method} at {nimg} images on {device} x {ddp.world}, "
              f"batch {cfg.batch} = {batch_gpu} x {ddp.world} processes x {accum} accumulation rounds")
-    export_name = cfg.ema.export or next(iter(ema.nets()))
-    if export_name not in ema.nets():
-        raise ConfigError(f"ema.export {export_name!r} is not one of {', '.join(ema.nets())}")
     if resume and nimg >= cfg.total_nimg and ddp.is_main:
         # finished, but perhaps killed between its last training state and the model export: export again
         save_model(run_dir / "model", ema.nets()[export_name], dataclasses.replace(info, extra={**info.extra, "nimg": nimg}))
@@ -365,9 +372,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
                    desc=f"{cfg.method}")
     t_start = time.perf_counter()
     t_log, nimg_log = t_start, nimg
-    loss_acc = torch.zeros((), device=device, dtype=torch.float64)
-    loss_count = 0
-    nonfinite_total, nonfinite_run = 0, 0
+    # the loss and non-finite tallies between log lines travel in the training state, so a resumed
+    # run logs the lines of an uninterrupted one
+    loss_acc = torch.tensor(float(tally.get("loss_sum", 0.0)), device=device, dtype=torch.float64)
+    loss_count = int(tally.get("loss_count", 0))
+    nonfinite_total, nonfinite_run = int(tally.get("nonfinite_total", 0)), int(tally.get("nonfinite_run", 0))
     params = [p for p in net.parameters() if p.requires_grad]
     stop = _StopFlag()
     interrupted: int | None = None
@@ -414,23 +423,26 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
             if bar is not None:
                 bar.update(cfg.batch)
             done = nimg >= stop_at
-            if nimg % cfg.log_every_nimg < cfg.batch or done:
+            if nimg % cfg.log_every_nimg < cfg.batch or nimg >= cfg.total_nimg:  # not at a stop_after_nimg
                 now = time.perf_counter()
                 mean_loss = float(loss_acc) / max(loss_count, 1)
+                curriculum = loss_fn.stats(nimg - cfg.batch)  # of the step just taken
                 stats = {"loss": mean_loss, "lr": lr, "img_per_s": (nimg - nimg_log) / max(now - t_log, 1e-9),
-                         "nonfinite_steps": nonfinite_total, "wall_s": now - t_start, **loss_fn.stats(nimg)}
+                         "nonfinite_steps": nonfinite_total, "wall_s": now - t_start, **curriculum}
                 log.stats(nimg, stats)
                 log.text(f"kimg {nimg / 1000:.1f} loss {mean_loss:.5g} lr {lr:.3g} img/s {stats['img_per_s']:.1f} "
-                         + " ".join(f"{k} {v}" for k, v in loss_fn.stats(nimg).items()))
+                         + " ".join(f"{k} {v}" for k, v in curriculum.items()))
                 if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.4g}", **{k: v for k, v in loss_fn.stats(nimg).items()})
+                    bar.set_postfix(loss=f"{mean_loss:.4g}", **curriculum)
                 t_log, nimg_log = now, nimg
                 loss_acc.zero_()
                 loss_count = 0
             interrupted = stop.agreed(ddp, device)
             ckpt_due = cfg.checkpoint_every_nimg > 0 and nimg % cfg.checkpoint_every_nimg < cfg.batch
             if ckpt_due or done or interrupted:
-                _save(run_dir, cfg, nimg, net, ema, optimizer, info, export_name, ddp)
+                tally = {"loss_sum": float(loss_acc), "loss_count": loss_count, "nonfinite_total": nonfinite_total,
+                         "nonfinite_run": nonfinite_run}
+                _save(run_dir, cfg, nimg, net, ema, optimizer, info, export_name, ddp, tally)
             preview_due = cfg.preview_every_nimg > 0 and nimg % cfg.preview_every_nimg < cfg.batch
             if ddp.is_main and (preview_due or (done and nimg >= cfg.total_nimg)):
                 from ectune.preview import write_preview
@@ -525,30 +537,36 @@ def _trim_stats(path: Path, nimg: int) -> None:
 
 def resume_or_start(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """``--resume auto``: resume the run in ``cfg.run_dir`` if it holds a training state, else start it
-    there. The same command can be relaunched after any kill (e.g. by torchrun's elastic restarts)."""
+    there. The same command can be relaunched after any kill (e.g. by torchrun's elastic restarts);
+    options other than the run's own are refused, as they would be ignored (a state) or lost (none)."""
     if not cfg.run_dir:
         raise ConfigError("--resume auto needs --run-dir: the folder to resume from or start in")
+    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir)))  # as train() records it ("runs/a/" -> "runs/a")
     run_dir = Path(cfg.run_dir)
-    if list_states(run_dir):
-        return train(cfg, resume=str(run_dir), progress=progress)
     saved = run_dir / "config.json"
-    if saved.is_file() and int(os.environ.get("RANK", "0")) == 0:  # other ranks follow rank 0 (no race on the files)
-        # killed before its first checkpoint: start again, but only if it is the same run
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # other ranks follow rank 0 (no race on the files)
+    if rank0 and saved.is_file():
         try:
             same = json.loads(saved.read_text(encoding="utf-8")) == json.loads(config_mod.to_json(cfg))
-        except (ValueError, RecursionError):
+        except (OSError, ValueError, RecursionError):
             same = False
         if not same:
-            raise UserError(f"{run_dir} holds another run (its config.json differs): pick another --run-dir")
+            raise UserError(f"{run_dir} holds another run (its config.json differs from these options): resume it "
+                            f"with --resume {run_dir} alone, or pick another --run-dir")
+    if list_states(run_dir):
+        return train(cfg, resume=str(run_dir), progress=progress)
+    if rank0 and saved.is_file():
+        # killed before its first checkpoint: start the same run again
         for name in ("config.json", "stats.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
     return train(cfg, progress=progress)
 
 
 def _save(run_dir: Path, cfg: TrainConfig, nimg: int, net: nn.Module, ema: EMAGroup, optimizer: torch.optim.Optimizer,
-          info: ModelInfo, export_name: str, ddp: Dist) -> None:
+          info: ModelInfo, export_name: str, ddp: Dist, tally: dict[str, Any]) -> None:
     if ddp.is_main:
-        state = {"nimg": nimg, "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
+        state = {"nimg": nimg, "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "tally": tally}
         save_state(run_dir, nimg, state, cfg.keep_checkpoints)
         save_model(run_dir / "model", ema.nets()[export_name], dataclasses.replace(info, extra={**info.extra, "nimg": nimg}))
     if ddp.world > 1:
