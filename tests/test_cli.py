@@ -121,8 +121,16 @@ def test_last_ect_stage_check_counts_the_last_step_not_the_total():
 
 
 def test_integer_options_are_exact_beyond_float_precision():
-    cfg = C.apply_overrides(C.preset("toy2d", "edm"), {"seed": "9007199254740993", "batch": "1e2"})
-    assert cfg.seed == 9007199254740993 and cfg.batch == 100
+    cfg = C.apply_overrides(C.preset("toy2d", "edm"), {"total_nimg": "9007199254740993", "batch": "1e2"})
+    assert cfg.total_nimg == 9007199254740993 and cfg.batch == 100
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32])
+def test_seeds_that_would_share_noise_with_another_are_refused(seed):
+    """Steps draw their noise from 32 bits of the seed: -1 and 2^32 would repeat 2^32 - 1 and 0."""
+    with pytest.raises(C.ConfigError, match="seed must be in"):
+        C.validate(dataclasses.replace(C.preset("toy2d", "edm"), seed=seed))
+    C.validate(dataclasses.replace(C.preset("toy2d", "edm"), seed=2 ** 32 - 1))
 
 
 def test_teacher_that_is_not_a_checkpoint(tmp_path):

@@ -188,3 +188,28 @@ def test_stale_temporary_files_and_folders_are_removed_and_nothing_else(tmp_path
     assert not stale_file.exists() and not stale_dir.exists()
     assert all(k.read_text() == "x" for k in keep)
 
+
+
+def test_preview_and_metrics_a_kill_skipped_are_written_on_resume(tmp_path):
+    """A kill between a training state and the preview / training-time metrics due at it (here: both
+    removed after a stop at that state) leaves them out no longer: the resume writes them first, and
+    stats.jsonl ends with the uninterrupted run's lines."""
+    over = {"total_nimg": 2048, "preview_every_nimg": 1024, "eval_every_nimg": 1024, "eval_num_images": 300}
+    full = train(_cfg(tmp_path / "a", **over), progress=False)
+    part = train(_cfg(tmp_path / "b", **over), progress=False, stop_after_nimg=1024)
+    preview = part.run_dir / "samples" / "preview-000001kimg.png"
+    stats = part.run_dir / "stats.jsonl"
+    assert preview.is_file() and '"eval_s"' in stats.read_text()
+    preview.unlink()
+    stats.write_text("".join(line + "\n" for line in stats.read_text().splitlines() if '"eval_s"' not in line))
+    resumed = train(C.TrainConfig(), resume=str(part.run_dir), progress=False)
+    assert preview.is_file()
+
+    def lines(run):
+        rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s", "eval_s")} for r in rows]
+
+    assert lines(resumed.run_dir) == lines(full.run_dir)
+    assert sum("sw" in r for r in lines(full.run_dir)) == 2
+    again = train(C.TrainConfig(), resume=str(part.run_dir), progress=False)  # finished: nothing is redone
+    assert lines(again.run_dir) == lines(full.run_dir)

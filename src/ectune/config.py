@@ -518,6 +518,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be a finite number, got {value}")
     if cfg.batch <= 0:
         raise ConfigError(f"batch must be positive, got {cfg.batch}")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ConfigError(f"seed must be in [0, 2^32), got {cfg.seed}: every step's noise is drawn from 32 bits of it")
     if cfg.total_nimg <= 0 or cfg.total_nimg % cfg.batch:
         raise ConfigError(f"total_nimg ({cfg.total_nimg}) must be a positive multiple of batch ({cfg.batch}): "
                           f"use e.g. {max(1, round(cfg.total_nimg / cfg.batch)) * cfg.batch}")

@@ -360,9 +360,29 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         _trim_stats(run_dir / "stats.jsonl", nimg)
     log.text(f"{'resuming' if resume else 'starting'} {cfg.method} at {nimg} images on {device} x {ddp.world}, "
              f"batch {cfg.batch} = {batch_gpu} x {ddp.world} processes x {accum} accumulation rounds")
-    if resume and nimg >= cfg.total_nimg and ddp.is_main:
-        # finished, but perhaps killed between its last training state and the model export: export again
-        save_model(run_dir / "model", ema.nets()[export_name], dataclasses.replace(info, extra={**info.extra, "nimg": nimg}))
+
+    def outputs(at: int, missing_only: bool = False) -> None:
+        """The preview and training-time metrics due once ``at`` images are seen (``missing_only``: those
+        a kill between the training state and them left unwritten)."""
+        final = at >= cfg.total_nimg
+        preview = run_dir / "samples" / f"preview-{at // 1000:06d}kimg.png"
+        if ((cfg.preview_every_nimg > 0 and at % cfg.preview_every_nimg < cfg.batch) or final) and not (
+                missing_only and preview.exists()):
+            from ectune.preview import write_preview
+            write_preview(preview, ema.nets()[export_name], info, cfg.preview, device)
+        if cfg.eval_every_nimg > 0 and (at % cfg.eval_every_nimg < cfg.batch or final) and not (
+                missing_only and _eval_logged(run_dir / "stats.jsonl", at)):
+            from ectune.evaluate import training_metrics
+            values = training_metrics(ema.nets()[export_name], info, cfg, device)
+            log.stats(at, values)
+            log.text(f"kimg {at / 1000:.1f} eval " + " ".join(f"{k} {v:.5g}" for k, v in values.items()))
+
+    if resume and nimg > 0 and ddp.is_main:
+        if nimg >= cfg.total_nimg:
+            # finished, but perhaps killed between its last training state and the model export: export again
+            save_model(run_dir / "model", ema.nets()[export_name],
+                       dataclasses.replace(info, extra={**info.extra, "nimg": nimg}))
+        outputs(nimg, missing_only=True)
 
     stop_at = min(cfg.total_nimg, stop_after_nimg) if stop_after_nimg is not None else cfg.total_nimg
     bar = None
@@ -443,17 +463,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
                 tally = {"loss_sum": float(loss_acc), "loss_count": loss_count, "nonfinite_total": nonfinite_total,
                          "nonfinite_run": nonfinite_run}
                 _save(run_dir, cfg, nimg, net, ema, optimizer, info, export_name, ddp, tally)
-            preview_due = cfg.preview_every_nimg > 0 and nimg % cfg.preview_every_nimg < cfg.batch
-            if ddp.is_main and (preview_due or (done and nimg >= cfg.total_nimg)):
-                from ectune.preview import write_preview
-                write_preview(run_dir / "samples" / f"preview-{nimg // 1000:06d}kimg.png", ema.nets()[export_name], info,
-                              cfg.preview, device)
-            eval_due = cfg.eval_every_nimg > 0 and nimg % cfg.eval_every_nimg < cfg.batch
-            if ddp.is_main and (eval_due or (cfg.eval_every_nimg > 0 and done and nimg >= cfg.total_nimg)):
-                from ectune.evaluate import training_metrics
-                values = training_metrics(ema.nets()[export_name], info, cfg, device)
-                log.stats(nimg, values)
-                log.text(f"kimg {nimg / 1000:.1f} eval " + " ".join(f"{k} {v:.5g}" for k, v in values.items()))
+            if ddp.is_main:
+                outputs(nimg)
             if interrupted:
                 log.text(f"stopped by signal {interrupted} at {nimg} images; resume with --resume {run_dir}")
                 break
@@ -533,6 +544,20 @@ def _trim_stats(path: Path, nimg: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut by a kill
     write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _eval_logged(path: Path, nimg: int) -> bool:
+    """Whether stats.jsonl holds the training-time metrics (an ``eval_s`` line) at ``nimg`` images."""
+    if not path.is_file():
+        return False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("nimg") == nimg and "eval_s" in row:
+            return True
+    return False
 
 
 def resume_or_start(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
