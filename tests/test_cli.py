@@ -92,6 +92,12 @@ def test_help_explains_every_option():
     (["pretrain", "--preset", "toy2d", "--device", "foo"], "unknown device 'foo'"),
     (["train-ict", "--preset", "toy2d", "--ict.s0", "0"], "1 <= s0 <= s1"),
     (["train-ict", "--preset", "toy2d", "--batch", "64", "--total_nimg", "128"], "raise total_nimg to at least 512"),
+    (["train-ict", "--preset", "toy2d", "--ict.total_nimg", "128", "--ict.batch", "64"],
+     "raise ict.total_nimg to at least 512"),
+    (["train-ict", "--preset", "toy2d", "--ict.batch", "-1"], "ict.batch must be >= 0"),
+    (["train-ict", "--preset", "toy2d", "--preview.mid_sigma", "0"], "preview.mid_sigma must lie in (0, 80)"),
+    (["pretrain", "--preset", "toy2d", "--preview.steps", "-3"], "preview.steps must be >= 0"),
+    (["pretrain", "--preset", "toy2d", "--eval_every_nimg", "512", "--eval_metrics", "fid"], "do not apply to swissroll"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     r = run_cli(*args, "--run-dir", str(tmp_path / "run"), "--no-progress", cwd=tmp_path)

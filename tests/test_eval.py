@@ -374,9 +374,9 @@ def conditional_model(tmp_path) -> Path:
 
 
 def test_every_sampling_path_gives_a_seed_the_same_class(tmp_path, conditional_model):
-    """`ectune sample` / `eval` (sample_images), the tune report (sample_setting) and the training
-    previews and metrics all label seed s with class s mod label_dim: the same seeds give the same
-    images on every path, and the label reaches the network."""
+    """`ectune sample` / `eval` (sample_images) and the tune report (sample_setting) label seed s with
+    class s mod label_dim (as the previews and training-time metrics do, through the same seed_labels):
+    the same seeds give the same images on both paths, and the label reaches the network."""
     from ectune.checkpoint import load_model
     from ectune.preview import generate
     from ectune.report import sample_setting
@@ -399,16 +399,16 @@ def test_every_sampling_path_gives_a_seed_the_same_class(tmp_path, conditional_m
     # a cached teacher row records the label rule of a conditional teacher, so rows sampled without
     # labels (or with another rule) are not reused; an unconditional teacher's rows carry none
     from ectune.metrics.store import read_entry, write_entry
-    from ectune.report import _teacher_entry
+    from ectune.report import _TEACHER_KEYS, _teacher_entry
     s = dict(method="consistency", steps=1)
     expected, places = _teacher_entry(conditional_model, s, 6, ProjectionEncoder(), 3)
     assert expected["labels"] == "seed mod 3"
     assert _teacher_entry(conditional_model, s, 6, ProjectionEncoder(), 0)[0]["labels"] is None
     npz, js = tmp_path / "row.npz", tmp_path / "row.json"
     write_entry(npz, js, {"images": report.numpy()}, dict(expected, labels=None))
-    assert read_entry(npz, js, expected, list(expected), {"images": (6, 1, 8, 8)}) is None
+    assert read_entry(npz, js, expected, _TEACHER_KEYS, {"images": (6, 1, 8, 8)}) is None
     write_entry(npz, js, {"images": report.numpy()}, expected)
-    assert read_entry(npz, js, expected, list(expected), {"images": (6, 1, 8, 8)}) is not None
+    assert read_entry(npz, js, expected, _TEACHER_KEYS, {"images": (6, 1, 8, 8)}) is not None
 
 
 def test_cli_bad_input_in_a_subprocess(tmp_path):

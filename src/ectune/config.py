@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ectune import schedules
+from ectune.data import TOY_DATASETS
 from ectune.errors import ConfigError
 from ectune.fields import opt
 from ectune.losses import ECTLoss, EDMLoss, ICTLoss
@@ -132,7 +133,7 @@ class SampleConfig:
     num_images: int = opt(64, "number of images")
     seed: int = opt(0, "first seed: image j uses seed + j")
     batch: int = opt(256, "images per batch (results do not depend on it)")
-    class_label: int | None = opt(None, "class for conditional models (None = random per image)")
+    class_label: int | None = opt(None, "class for conditional models (None = seed mod the number of classes)")
     out: str = opt("samples.png", "output: .png grid or .npz of uint8 images")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     renoise: str = opt("ect", "consistency re-noising: ect (tau z) or ict (sqrt(tau^2 - sigma_min^2) z)")
@@ -164,7 +165,7 @@ class EvalConfig:
     out: str | None = opt(None, "results JSON (default: <run>/eval/<name>.json when the model is in a run folder)")
     batch: int = opt(256, "images per sampling batch (results do not depend on it)")
     encoder_batch: int = opt(50, "images per encoder batch")
-    class_label: int | None = opt(None, "class for conditional models (None = random per image)")
+    class_label: int | None = opt(None, "class for conditional models (None = seed mod the number of classes)")
     renoise: str = opt("ect", "consistency re-noising: ect (tau z) or ict (sqrt(tau^2 - sigma_min^2) z)")
     S_churn: float = opt(0.0, "EDM stochasticity S_churn (heun / euler)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N (metrics are computed in fp32)")
@@ -563,9 +564,20 @@ def validate(cfg: TrainConfig) -> None:
                           "at 2 or more images (0 = no report)")
     if cfg.eval_every_nimg < 0 or cfg.eval_num_images < 2:
         raise ConfigError("eval_every_nimg must be >= 0 and eval_num_images >= 2")
-    bad = set(cfg.eval_metrics.replace(" ", "").split(",")) - {"auto", "fid", "kid", "precision", "recall", "sw", "mmd"}
+    if cfg.preview.steps < 0:
+        raise ConfigError(f"preview.steps must be >= 0 (0 = the method's default), got {cfg.preview.steps}")
+    if cfg.method != "edm" and not 0 < cfg.preview.mid_sigma < 80:
+        raise ConfigError(f"preview.mid_sigma must lie in (0, 80), got {cfg.preview.mid_sigma}: e.g. 0.821")
+    names = set(cfg.eval_metrics.replace(" ", "").split(","))
+    bad = names - {"auto", "fid", "kid", "precision", "recall", "sw", "mmd"}
     if bad:
         raise ConfigError(f"unknown eval_metrics {sorted(bad)}: use fid, kid, precision, recall (images) or sw, mmd (2-D)")
+    if cfg.eval_every_nimg > 0 and cfg.data.path is None:  # a named dataset: its kind is known
+        points = cfg.data.name in TOY_DATASETS
+        wrong = names & ({"fid", "kid", "precision", "recall"} if points else {"sw", "mmd"})
+        if wrong:
+            raise ConfigError(f"eval_metrics {sorted(wrong)} do not apply to {cfg.data.name}: use "
+                              + ("sw, mmd (2-D points)" if points else "fid, kid, precision, recall (images)"))
     if cfg.method == "ect":
         if not cfg.teacher:
             raise ConfigError("ECT tuning needs a teacher: pass --teacher MODEL_DIR (a folder written by `ectune pretrain`)")
@@ -582,8 +594,12 @@ def validate(cfg: TrainConfig) -> None:
         c = cfg.ict
         if not 1 <= c.s0 <= c.s1:
             raise ConfigError(f"ict.s0 and ict.s1 must satisfy 1 <= s0 <= s1, got {c.s0} and {c.s1}")
-        K = (c.total_nimg or cfg.total_nimg) // (c.batch or cfg.batch)
-        doublings = math.log2(c.s1 // c.s0) + 1
-        if math.floor(K / doublings) < 1:
-            raise ConfigError(f"the iCT curriculum doubles its levels {doublings:g} times but the run has only {K} "
-                              f"iterations: raise total_nimg to at least {math.ceil(doublings) * cfg.batch}")
+        if c.total_nimg < 0 or c.batch < 0:
+            raise ConfigError("ict.total_nimg and ict.batch must be >= 0 (0 = the run's own)")
+        batch = c.batch or cfg.batch
+        K = (c.total_nimg or cfg.total_nimg) // batch
+        phases = math.log2(c.s1 // c.s0) + 1  # iCT Eq. 8: K' = floor(K / phases) iterations per phase
+        if math.floor(K / phases) < 1:
+            field = "ict.total_nimg" if c.total_nimg else "total_nimg"
+            raise ConfigError(f"the iCT curriculum has {phases:g} phases but counts only {K} iterations: raise {field} "
+                              f"to at least {math.ceil(phases) * batch}")

@@ -560,6 +560,25 @@ def _eval_logged(path: Path, nimg: int) -> bool:
     return False
 
 
+def _config_differences(saved: Path, cfg: TrainConfig) -> list[str]:
+    """The dotted keys in which a run's saved config.json, read as ``train`` reads it (fields added
+    since take their defaults), differs from ``cfg``; ["config.json"] if it cannot be read."""
+    try:
+        theirs = json.loads(config_mod.to_json(config_mod.from_dict(TrainConfig, json.loads(saved.read_text("utf-8")))))
+    except (OSError, ValueError, RecursionError, ConfigError):
+        return ["config.json"]
+    ours = json.loads(config_mod.to_json(cfg))
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "kwargs" else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(theirs), flat(ours)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def resume_or_start(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """``--resume auto``: resume the run in ``cfg.run_dir`` if it holds a training state, else start it
     there. The same command can be relaunched after any kill (e.g. by torchrun's elastic restarts);
@@ -571,13 +590,10 @@ def resume_or_start(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     saved = run_dir / "config.json"
     rank0 = int(os.environ.get("RANK", "0")) == 0  # other ranks follow rank 0 (no race on the files)
     if rank0 and saved.is_file():
-        try:
-            same = json.loads(saved.read_text(encoding="utf-8")) == json.loads(config_mod.to_json(cfg))
-        except (OSError, ValueError, RecursionError):
-            same = False
-        if not same:
-            raise UserError(f"{run_dir} holds another run (its config.json differs from these options): resume it "
-                            f"with --resume {run_dir} alone, or pick another --run-dir")
+        differ = _config_differences(saved, cfg)
+        if differ:
+            raise UserError(f"{run_dir} holds another run (its config.json differs in {', '.join(differ)}): resume "
+                            f"it with --resume {run_dir} alone, or pick another --run-dir")
     if list_states(run_dir):
         return train(cfg, resume=str(run_dir), progress=progress)
     if rank0 and saved.is_file():
