@@ -97,7 +97,8 @@ def test_help_explains_every_option():
     (["train-ict", "--preset", "toy2d", "--ict.batch", "-1"], "ict.batch must be >= 0"),
     (["train-ict", "--preset", "toy2d", "--preview.mid_sigma", "0"], "preview.mid_sigma must lie in (0, 80)"),
     (["pretrain", "--preset", "toy2d", "--preview.steps", "-3"], "preview.steps must be >= 0"),
-    (["pretrain", "--preset", "toy2d", "--eval_every_nimg", "512", "--eval_metrics", "fid"], "do not apply to swissroll"),
+    (["pretrain", "--preset", "toy2d", "--eval_every_nimg", "512", "--eval_metrics", "fid"],
+     "do not apply to swissroll"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     r = run_cli(*args, "--run-dir", str(tmp_path / "run"), "--no-progress", cwd=tmp_path)

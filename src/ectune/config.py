@@ -588,8 +588,8 @@ def validate(cfg: TrainConfig) -> None:
         if last >= stages:
             raise ConfigError(f"ECT would reach stage {last}, where t - r(t) falls to float32's resolution of t "
                               f"(q^-(stage+1) < 2^-{ECT_MIN_LOG2_DECAY}; the loss is 0/0 once r rounds to t): use ect.stage_nimg >= "
-                              f"{(cfg.total_nimg - cfg.batch) // stages + 1} ({stages} stages at q = {cfg.ect.q:g}) or a "
-                              "smaller q")
+                              f"{(cfg.total_nimg - cfg.batch) // stages + 1} ({stages} stages at q = "
+                              f"{cfg.ect.q:g}) or a smaller q")
     if cfg.method == "ict":
         c = cfg.ict
         if not 1 <= c.s0 <= c.s1:

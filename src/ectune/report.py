@@ -72,8 +72,8 @@ def sample_setting(denoiser, minfo, s: dict[str, Any], n: int, *, batch: int = 2
     parts = []
     for i in range(0, n, batch):
         seeds = list(range(i, min(i + batch, n)))
-        parts.append(generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"), seeds=seeds,
-                              labels=seed_labels(seeds, minfo.label_dim, device), device=device))
+        parts.append(generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"),
+                              seeds=seeds, labels=seed_labels(seeds, minfo.label_dim, device), device=device))
     x = torch.cat(parts).cpu()
     return to_uint8(x) if x.ndim == 4 else x.float()
 

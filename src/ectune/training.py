@@ -327,7 +327,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
             if run_dir.exists() and not run_dir.is_dir():
                 raise UserError(f"--run-dir {run_dir} is a file: pick a folder")
             if (run_dir / "config.json").exists() or list_states(run_dir):
-                raise UserError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-dir")
+                raise UserError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another "
+                                "--run-dir")
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(run_dir / "config.json", config_mod.to_json(cfg))
     if ddp.world > 1:
