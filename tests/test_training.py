@@ -140,6 +140,17 @@ def test_nonfinite_gradient_skips_the_step(tmp_path, monkeypatch):
     assert sorted(states) == [64, 128, 192, 256]
     assert all(torch.equal(states[64][k], states[128][k]) for k in states[64])  # step 2 was skipped
     assert not all(torch.equal(states[128][k], states[192][k]) for k in states[64])  # step 3 was taken
+    # the count travels in the training state: stopped after the skipped step and resumed, the run
+    # logs the lines of the uninterrupted one
+    part = tiny_cfg(tmp_path / "part", total_nimg=64 * 4, checkpoint_every_nimg=64, keep_checkpoints=4)
+    train(part, progress=False, stop_after_nimg=128)
+    resumed = train(C.TrainConfig(), resume=part.run_dir, progress=False)
+
+    def lines(run):
+        rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s")} for r in rows]
+
+    assert lines(resumed.run_dir) == lines(res.run_dir) and lines(res.run_dir)[-1]["nonfinite_steps"] == 1
 
     monkeypatch.setattr(losses.EDMLoss, "__call__",
                         lambda self, d, x, labels, nimg, gen: (good(self, d, x, labels, nimg, gen) * 0).sqrt())
