@@ -193,7 +193,6 @@ def test_stale_temporary_files_and_folders_are_removed_and_nothing_else(tmp_path
     assert all(k.read_text() == "x" for k in keep)
 
 
-
 def test_preview_and_metrics_a_kill_skipped_are_written_on_resume(tmp_path):
     """A kill between a training state and the preview / training-time metrics due at it (here: both
     removed after a stop at that state) leaves them out no longer: the resume writes them first, and
