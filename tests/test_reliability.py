@@ -129,6 +129,16 @@ def test_resume_auto_starts_resumes_and_refuses_another_run(tmp_path):
         resume_or_start(other, progress=False)
 
 
+def test_a_saved_config_that_no_longer_validates_is_named(tmp_path):
+    """Resuming a run whose config.json holds a value this version refuses names that file."""
+    first = train(_cfg(tmp_path, total_nimg=512), progress=False, stop_after_nimg=256)
+    saved = json.loads((first.run_dir / "config.json").read_text())
+    saved["seed"] = 2 ** 32  # accepted before seeds were range-checked
+    (first.run_dir / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(C.ConfigError, match=r"config\.json: seed must be in \[0, 2\^32\)"):
+        train(C.TrainConfig(), resume=str(first.run_dir), progress=False)
+
+
 def test_resume_auto_takes_a_run_dir_spelled_another_way(tmp_path):
     """`--run-dir runs/a/` and `runs/a` are one run, and a config.json without an option added since is
     the same config: relaunching with the trailing slash resumes it."""

@@ -290,6 +290,10 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         states = list_states(run_dir)
         if not states:
             raise CheckpointError(f"{run_dir} holds no training state to resume from (checkpoints/training-state-*.pt)")
+        try:
+            config_mod.validate(cfg)
+        except ConfigError as e:  # e.g. a value an older ectune accepted
+            raise ConfigError(f"{saved}: {e}") from None
     config_mod.validate(cfg)
     ddp = init_distributed(cfg.device)
     device = resolve_device(cfg.device, ddp.local_rank)
@@ -563,9 +567,12 @@ def _eval_logged(path: Path, nimg: int) -> bool:
 
 def _config_differences(saved: Path, cfg: TrainConfig) -> list[str]:
     """The dotted keys in which a run's saved config.json, read as ``train`` reads it (fields added
-    since take their defaults), differs from ``cfg``; ["config.json"] if it cannot be read."""
+    since take their defaults), differs from ``cfg``; ["config.json"] if it cannot be read, [] if it is
+    gone (another rank's restart removed it)."""
     try:
         theirs = json.loads(config_mod.to_json(config_mod.from_dict(TrainConfig, json.loads(saved.read_text("utf-8")))))
+    except FileNotFoundError:
+        return []
     except (OSError, ValueError, RecursionError, ConfigError):
         return ["config.json"]
     ours = json.loads(config_mod.to_json(cfg))
@@ -589,15 +596,16 @@ def resume_or_start(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir)))  # as train() records it ("runs/a/" -> "runs/a")
     run_dir = Path(cfg.run_dir)
     saved = run_dir / "config.json"
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # other ranks follow rank 0 (no race on the files)
-    if rank0 and saved.is_file():
+    # every rank compares (a read: at worst it finds the file gone, or rewritten by rank 0 with this same
+    # config), so a refusal stops every process; only rank 0 removes files
+    if saved.is_file():
         differ = _config_differences(saved, cfg)
         if differ:
             raise UserError(f"{run_dir} holds another run (its config.json differs in {', '.join(differ)}): resume "
                             f"it with --resume {run_dir} alone, or pick another --run-dir")
     if list_states(run_dir):
         return train(cfg, resume=str(run_dir), progress=progress)
-    if rank0 and saved.is_file():
+    if int(os.environ.get("RANK", "0")) == 0 and saved.is_file():
         # killed before its first checkpoint: start the same run again
         for name in ("config.json", "stats.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
