@@ -290,11 +290,12 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         states = list_states(run_dir)
         if not states:
             raise CheckpointError(f"{run_dir} holds no training state to resume from (checkpoints/training-state-*.pt)")
-        try:
-            config_mod.validate(cfg)
-        except ConfigError as e:  # e.g. a value an older ectune accepted
-            raise ConfigError(f"{saved}: {e}") from None
-    config_mod.validate(cfg)
+    try:
+        config_mod.validate(cfg)
+    except ConfigError as e:
+        if resume:  # the run's own config.json holds the value, e.g. one an older ectune accepted
+            raise ConfigError(f"{Path(resume) / 'config.json'}: {e}") from None
+        raise
     ddp = init_distributed(cfg.device)
     device = resolve_device(cfg.device, ddp.local_rank)
     batch_gpu = cfg.batch_gpu or cfg.batch // ddp.world
