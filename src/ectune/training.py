@@ -567,25 +567,22 @@ def _eval_logged(path: Path, nimg: int) -> bool:
 
 
 def _config_differences(saved: Path, cfg: TrainConfig) -> list[str]:
-    """The dotted keys in which a run's saved config.json, read as ``train`` reads it (fields added
-    since take their defaults), differs from ``cfg``; ["config.json"] if it cannot be read, [] if it is
-    gone (another rank's restart removed it)."""
+    """The options in which a run's saved config.json, read as ``train`` reads it (fields added since
+    take their defaults), differs from ``cfg``; ["config.json"] if it cannot be read, [] if it is gone
+    (another rank's restart removed it)."""
     try:
-        theirs = json.loads(config_mod.to_json(config_mod.from_dict(TrainConfig, json.loads(saved.read_text("utf-8")))))
+        theirs = config_mod.from_dict(TrainConfig, json.loads(saved.read_text("utf-8")))
     except FileNotFoundError:
         return []
     except (OSError, ValueError, RecursionError, ConfigError):
         return ["config.json"]
-    ours = json.loads(config_mod.to_json(cfg))
 
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "kwargs" else {f"{prefix}{k}": v})
-        return out
+    def value(c: Any, key: str) -> Any:
+        for part in key.split("."):
+            c = getattr(c, part)
+        return c
 
-    a, b = flat(theirs), flat(ours)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return [key for key, *_ in config_mod.iter_options(TrainConfig) if value(theirs, key) != value(cfg, key)]
 
 
 def resume_or_start(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
