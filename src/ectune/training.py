@@ -538,32 +538,28 @@ def _latest_readable_state(run_dir: Path) -> tuple[dict[str, Any], list[tuple[Pa
     raise CheckpointError(f"no readable training state in {run_dir / 'checkpoints'}: start a new run")
 
 
-def _trim_stats(path: Path, nimg: int) -> None:
-    """Drop stats lines logged after the state a run resumes from (they are about to be replayed)."""
+def _stats_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of every readable line of stats.jsonl; a line cut by a kill is left out."""
     if not path.is_file():
-        return
-    keep = []
+        return []
+    rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("nimg", 0) <= nimg:
-                keep.append(line)
+            rows.append((line, json.loads(line)))
         except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
+            continue
+    return rows
+
+
+def _trim_stats(path: Path, nimg: int) -> None:
+    """Drop stats lines logged after the state a run resumes from (they are about to be replayed)."""
+    if path.is_file():
+        write_text_atomic(path, "".join(line + "\n" for line, row in _stats_rows(path) if row.get("nimg", 0) <= nimg))
 
 
 def _eval_logged(path: Path, nimg: int) -> bool:
     """Whether stats.jsonl holds the training-time metrics (an ``eval_s`` line) at ``nimg`` images."""
-    if not path.is_file():
-        return False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("nimg") == nimg and "eval_s" in row:
-            return True
-    return False
+    return any(row.get("nimg") == nimg and "eval_s" in row for _, row in _stats_rows(path))
 
 
 def _config_differences(saved: Path, cfg: TrainConfig) -> list[str]:
