@@ -62,9 +62,10 @@ def sample_images(cfg: SampleConfig) -> tuple[torch.Tensor, dict]:
     out = []
     for i in range(0, len(seeds), cfg.batch):
         chunk = seeds[i:i + cfg.batch]
-        labels = seed_labels(chunk, info.label_dim, device)
-        if labels is not None and cfg.class_label is not None:
+        if info.label_dim and cfg.class_label is not None:
             labels = torch.eye(info.label_dim, device=device)[[cfg.class_label] * len(chunk)]
+        else:
+            labels = seed_labels(chunk, info.label_dim, device)
         out.append(generate(denoiser, info, method=method, steps=steps, seeds=chunk, sigmas=sigmas, labels=labels,
                             device=device, renoise=cfg.renoise, S_churn=cfg.S_churn).cpu())
     return torch.cat(out), {"method": method, "steps": steps, "info": info}
