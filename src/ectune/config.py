@@ -21,6 +21,7 @@ from typing import Any
 from ectune import schedules
 from ectune.data import TOY_DATASETS
 from ectune.errors import ConfigError
+from ectune.sampling import SIGMA_MAX
 from ectune.fields import opt
 from ectune.losses import ECTLoss, EDMLoss, ICTLoss
 from ectune.networks import MNIST_CONFIG
@@ -566,8 +567,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("eval_every_nimg must be >= 0 and eval_num_images >= 2")
     if cfg.preview.steps < 0:
         raise ConfigError(f"preview.steps must be >= 0 (0 = the method's default), got {cfg.preview.steps}")
-    if cfg.method != "edm" and not 0 < cfg.preview.mid_sigma < 80:
-        raise ConfigError(f"preview.mid_sigma must lie in (0, 80), got {cfg.preview.mid_sigma}: e.g. 0.821")
+    if cfg.method != "edm" and not 0 < cfg.preview.mid_sigma < SIGMA_MAX:
+        raise ConfigError(f"preview.mid_sigma must lie in (0, {SIGMA_MAX:g}), got {cfg.preview.mid_sigma}: e.g. 0.821")
     names = set(cfg.eval_metrics.replace(" ", "").split(","))
     bad = names - {"auto", "fid", "kid", "precision", "recall", "sw", "mmd"}
     if bad:

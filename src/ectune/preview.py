@@ -10,12 +10,12 @@ from torch import nn
 from ectune.checkpoint import ModelInfo
 from ectune.images import grid, save_png, save_scatter, side_by_side
 from ectune.precond import Denoiser
-from ectune.sampling import PerImageNoise, consistency_sample, edm_sample, seed_labels, to_uint8
+from ectune.sampling import SIGMA_MAX, PerImageNoise, consistency_sample, edm_sample, seed_labels, to_uint8
 
 
 def generate(denoiser: Denoiser, info: ModelInfo, *, method: str, steps: int, seeds: list[int], sigmas=None,
              labels: torch.Tensor | None = None, device: torch.device | str = "cpu", renoise: str = "ect",
-             S_churn: float = 0.0, sigma_max: float = 80.0) -> torch.Tensor:
+             S_churn: float = 0.0, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
     """Samples (float64, data scale) for ``seeds`` from a denoiser, with the model's own scalings."""
     fn = lambda x, s: denoiser(x, s, labels, scalings=info.scalings)  # noqa: E731
     noise = PerImageNoise(seeds, info.data_shape, device)
