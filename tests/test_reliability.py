@@ -95,6 +95,12 @@ def test_sigterm_saves_and_exits_then_resumes_exactly(tmp_path, reference_run):
     assert_same_weights(reference_run, run)
 
 
+def stats_lines(run: Path) -> list[dict]:
+    """A run's stats.jsonl rows without their timings (which differ between any two runs)."""
+    rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s", "eval_s")} for r in rows]
+
+
 def _cfg(tmp: Path, **over) -> C.TrainConfig:
     base = {"batch": 64, "total_nimg": 1024, "data.max_items": 2048, "checkpoint_every_nimg": 256,
             "keep_checkpoints": 4, "log_every_nimg": 128, "run_dir": str(tmp / "run"), "preview.num_images": 16,
@@ -160,12 +166,8 @@ def test_resumed_run_logs_the_lines_of_an_uninterrupted_one(tmp_path):
     train(_cfg(tmp_path / "b", **over), progress=False, stop_after_nimg=192)
     resumed = train(C.TrainConfig(), resume=str(tmp_path / "b" / "run"), progress=False)
 
-    def lines(run):
-        rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s")} for r in rows]
-
-    assert [r["nimg"] for r in lines(full.run_dir)] == [128, 256, 384, 512, 640, 768]
-    assert lines(resumed.run_dir) == lines(full.run_dir)
+    assert [r["nimg"] for r in stats_lines(full.run_dir)] == [128, 256, 384, 512, 640, 768]
+    assert stats_lines(resumed.run_dir) == stats_lines(full.run_dir)
 
 
 def test_logged_ect_stage_is_the_stage_trained(tmp_path):
@@ -218,11 +220,7 @@ def test_preview_and_metrics_a_kill_skipped_are_written_on_resume(tmp_path):
     resumed = train(C.TrainConfig(), resume=str(part.run_dir), progress=False)
     assert preview.is_file()
 
-    def lines(run):
-        rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s", "eval_s")} for r in rows]
-
-    assert lines(resumed.run_dir) == lines(full.run_dir)
-    assert sum("sw" in r for r in lines(full.run_dir)) == 2
+    assert stats_lines(resumed.run_dir) == stats_lines(full.run_dir)
+    assert sum("sw" in r for r in stats_lines(full.run_dir)) == 2
     again = train(C.TrainConfig(), resume=str(part.run_dir), progress=False)  # finished: nothing is redone
-    assert lines(again.run_dir) == lines(full.run_dir)
+    assert stats_lines(again.run_dir) == stats_lines(full.run_dir)
