@@ -24,6 +24,7 @@ from ectune.errors import ConfigError
 from ectune.sampling import SIGMA_MAX
 from ectune.fields import opt
 from ectune.losses import ECTLoss, EDMLoss, ICTLoss
+from ectune.metrics import IMAGE_METRICS, POINT_METRICS
 from ectune.networks import MNIST_CONFIG
 
 SCHEMA_VERSION = 1
@@ -570,15 +571,16 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.method != "edm" and not 0 < cfg.preview.mid_sigma < SIGMA_MAX:
         raise ConfigError(f"preview.mid_sigma must lie in (0, {SIGMA_MAX:g}), got {cfg.preview.mid_sigma}: e.g. 0.821")
     names = set(cfg.eval_metrics.replace(" ", "").split(","))
-    bad = names - {"auto", "fid", "kid", "precision", "recall", "sw", "mmd"}
+    image, point = ", ".join(IMAGE_METRICS), ", ".join(POINT_METRICS)
+    bad = names - {"auto", *IMAGE_METRICS, *POINT_METRICS}
     if bad:
-        raise ConfigError(f"unknown eval_metrics {sorted(bad)}: use fid, kid, precision, recall (images) or sw, mmd (2-D)")
+        raise ConfigError(f"unknown eval_metrics {sorted(bad)}: use {image} (images) or {point} (2-D)")
     if cfg.eval_every_nimg > 0 and cfg.data.path is None:  # a named dataset: its kind is known
         points = cfg.data.name in TOY_DATASETS
-        wrong = names & ({"fid", "kid", "precision", "recall"} if points else {"sw", "mmd"})
+        wrong = names & set(IMAGE_METRICS if points else POINT_METRICS)
         if wrong:
             raise ConfigError(f"eval_metrics {sorted(wrong)} do not apply to {cfg.data.name}: use "
-                              + ("sw, mmd (2-D points)" if points else "fid, kid, precision, recall (images)"))
+                              + (f"{point} (2-D points)" if points else f"{image} (images)"))
     if cfg.method == "ect":
         if not cfg.teacher:
             raise ConfigError("ECT tuning needs a teacher: pass --teacher MODEL_DIR (a folder written by `ectune pretrain`)")

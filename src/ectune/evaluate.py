@@ -46,14 +46,12 @@ from ectune.checkpoint import BUILTIN_PREFIX, ModelInfo, load_model, resolve_mod
 from ectune.config import EvalConfig, SampleConfig, TrainConfig
 from ectune.data import TOY_DATASETS, ArrayDataset, load_dataset, sample_toy
 from ectune.errors import ConfigError, DataError, UserError
-from ectune.metrics import Encoder, compute_metrics, get_encoder, mmd_rbf, reference_stats, sliced_wasserstein
+from ectune.metrics import IMAGE_METRICS, POINT_METRICS, Encoder, compute_metrics, get_encoder, mmd_rbf, reference_stats, sliced_wasserstein
 from ectune.precond import Denoiser
 from ectune.sampling import SIGMA_MAX, consistency_levels, nfe, seed_labels, to_uint8
 
 RESULTS_FORMAT = "ectune-eval"
 RESULTS_SCHEMA_VERSION = 1
-IMAGE_METRICS = ("fid", "kid", "precision", "recall")
-POINT_METRICS = ("sw", "mmd")
 HIGHER_IS_BETTER = frozenset({"precision", "recall"})
 ENCODER_ALIASES = {"inception": "inception_v3", "inception_v3": "inception_v3", "dinov2": "dinov2"}
 TOY_REFERENCE_SEED = 20_240_601

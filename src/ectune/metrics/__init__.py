@@ -19,10 +19,16 @@ from ectune.metrics.kid import KIDResult, kernel_inception_distance
 from ectune.metrics.prdc import PrecisionRecall, precision_recall
 from ectune.metrics.reference import ReferenceStats, reference_stats
 
-METRICS = ("fid", "kid", "precision", "recall")
+IMAGE_METRICS = ("fid", "kid", "precision", "recall")
+"""Metrics of images, computed on encoder features (:func:`compute_metrics`)."""
+POINT_METRICS = ("sw", "mmd")
+"""Metrics of 2-D points, computed on the points themselves."""
+METRICS = IMAGE_METRICS
 
 __all__ = [
+    "IMAGE_METRICS",
     "METRICS",
+    "POINT_METRICS",
     "DINOv2Encoder",
     "Encoder",
     "FeatureStats",
