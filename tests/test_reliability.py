@@ -212,7 +212,7 @@ def test_preview_and_metrics_a_kill_skipped_are_written_on_resume(tmp_path):
     over = {"total_nimg": 2048, "preview_every_nimg": 1024, "eval_every_nimg": 1024, "eval_num_images": 300}
     full = train(_cfg(tmp_path / "a", **over), progress=False)
     part = train(_cfg(tmp_path / "b", **over), progress=False, stop_after_nimg=1024)
-    preview = part.run_dir / "samples" / "preview-000001kimg.png"
+    preview = part.run_dir / "samples" / "preview-000001.024kimg.png"
     stats = part.run_dir / "stats.jsonl"
     assert preview.is_file() and '"eval_s"' in stats.read_text()
     preview.unlink()

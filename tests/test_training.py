@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from ectune import config as C
 from ectune.checkpoint import list_states, load_model, load_state
 from ectune.errors import UserError
+from ectune.plots import latest_preview
+from ectune.preview import preview_name
 from ectune.training import step_seed, train
 
 TINY_MLP = {"dim": 2, "hidden_dim": 32, "num_blocks": 1, "dropout": 0.0}
@@ -43,6 +45,16 @@ def teacher(tmp_path_factory) -> Path:
     return train(tiny_cfg(tmp, "edm"), progress=False).model_dir
 
 
+def test_previews_more_often_than_every_1000_images_each_keep_their_own_file(tmp_path):
+    """Preview names are exact to the image: a preview every 128 images is four files, not one
+    overwritten four times, and the newest sorts last."""
+    run = train(tiny_cfg(tmp_path, preview_every_nimg=128), progress=False).run_dir
+    names = sorted(p.name for p in (run / "samples").glob("preview-*.png"))
+    assert names == [preview_name(n) for n in (128, 256, 384, 512)]
+    assert latest_preview(run).name == preview_name(512) == "preview-000000.512kimg.png"
+    assert preview_name(28_800) == "preview-000028.800kimg.png"
+
+
 def test_run_folder_contents(tmp_path):
     res = train(tiny_cfg(tmp_path), progress=False)
     run = res.run_dir
@@ -54,7 +66,7 @@ def test_run_folder_contents(tmp_path):
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in stats)
     assert (run / "log.txt").read_text().count("kimg") == 4
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
-    assert (run / "samples" / "preview-000000kimg.png").is_file()
+    assert (run / "samples" / "preview-000000.512kimg.png").is_file()
     # keep_checkpoints = 2: the states at 256 and 512 images
     assert [n for n, _ in list_states(run)] == [256, 512]
     state = torch.load(list_states(run)[-1][1], weights_only=True)

@@ -13,6 +13,12 @@ from ectune.precond import Denoiser
 from ectune.sampling import SIGMA_MAX, PerImageNoise, consistency_sample, edm_sample, seed_labels, to_uint8
 
 
+def preview_name(nimg: int) -> str:
+    """The file name of the preview at ``nimg`` images seen, exact to the image, e.g.
+    ``preview-000028.800kimg.png``: names of one run sort by images seen."""
+    return f"preview-{nimg // 1000:06d}.{nimg % 1000:03d}kimg.png"
+
+
 def generate(denoiser: Denoiser, info: ModelInfo, *, method: str, steps: int, seeds: list[int], sigmas=None,
              labels: torch.Tensor | None = None, device: torch.device | str = "cpu", renoise: str = "ect",
              S_churn: float = 0.0, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
