@@ -224,3 +224,7 @@ def test_preview_and_metrics_a_kill_skipped_are_written_on_resume(tmp_path):
     assert sum("sw" in r for r in stats_lines(full.run_dir)) == 2
     again = train(C.TrainConfig(), resume=str(part.run_dir), progress=False)  # finished: nothing is redone
     assert stats_lines(again.run_dir) == stats_lines(full.run_dir)
+    final = part.run_dir / "samples" / "preview-000002.048kimg.png"  # a kill after the model export, before it
+    final.unlink()
+    train(C.TrainConfig(), resume=str(part.run_dir), progress=False)
+    assert final.is_file() and stats_lines(part.run_dir) == stats_lines(full.run_dir)
