@@ -120,7 +120,7 @@ def test_dataset_json_labels_and_one_hot(tmp_path: Path) -> None:
 def test_labels_required_and_validated(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     _edm_folder(root, n=3)
-    with raises_data_error("no labels"):
+    with raises_data_error("--data.use_labels"):
         load_dataset("folder:" + str(root), use_labels=True)
     (root / "dataset.json").write_text(json.dumps({"labels": None}))
     with raises_data_error("no labels"):
@@ -446,6 +446,12 @@ def test_fashion_mnist_idx_parser(tmp_path: Path, gz: bool) -> None:
     assert len(load_dataset("fashion-mnist", path=tmp_path, split="test")) == 3
     both = load_dataset("fashion-mnist", path=tmp_path, split="all", use_labels=True)
     assert len(both) == 7 and both.labels.tolist() == [0, 9, 3, 3, 1, 2, 5]
+    # a subset (as `ectune eval` asks for its reference images), with and without labels: the same items
+    sub = load_dataset("fashion-mnist", path=tmp_path, max_items=2, seed=1)
+    sub_labelled = load_dataset("fashion-mnist", path=tmp_path, max_items=2, seed=1, use_labels=True)
+    assert len(sub) == 2 and sub.labels is None and torch.equal(sub.data, sub_labelled.data)
+    rows = [train.astype(np.uint8).tolist().index(x.tolist()) for x in sub_labelled.data[:, 0]]
+    assert sub_labelled.labels.tolist() == [[0, 9, 3, 3][i] for i in rows]  # each image keeps its own label
 
 
 def test_fashion_mnist_bad_files(tmp_path: Path) -> None:

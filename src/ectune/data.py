@@ -337,7 +337,7 @@ def load_dataset(
         if path is not None:
             raise DataError(f"{name} is generated, not read from a file: drop path={str(path)!r}")
         if use_labels:
-            raise DataError(f"{name} has no labels: drop use_labels (--cond) for 2-D toys")
+            raise DataError(f"{name} has no labels: drop --data.use_labels (2-D toys have none)")
         generator = torch.Generator().manual_seed(_derive_seed(seed, 1 if split == "test" else 0))
         return ArrayDataset(name, sample_toy(name, max_items or TOY_SIZE, generator), None, 0)
 
@@ -368,7 +368,7 @@ def load_dataset(
         label_dim = _check_labels(labels, lambda i: f"{name} item {i}")
     keep = _subset(len(images), max_items, seed)
     if keep is not None:
-        images, labels = images[keep], labels[keep]
+        images, labels = images[keep], (labels[keep] if labels is not None else None)
     return _assemble(name, images, labels if use_labels else None, label_dim)
 
 
@@ -389,7 +389,7 @@ def _check_labels(labels: np.ndarray | None, where: Callable[[int], str]) -> int
     """Validate class ids and return label_dim = max + 1; ``where(i)`` names item i in messages."""
     if labels is None:
         raise DataError(
-            "this dataset has no labels: add them (dataset.json or an npz 'labels' array) or drop use_labels (--cond)"
+            "this dataset has no labels: add them (dataset.json or an npz 'labels' array) or drop --data.use_labels"
         )
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(
@@ -743,7 +743,7 @@ def _folder_labels(source: _FolderSource | _ZipSource) -> np.ndarray | None:
     labels = np.empty(len(source.names), np.int64)
     for i, fname in enumerate(source.names):
         if fname not in table:
-            raise DataError(f"{where} has no label for {fname}: add it, or drop use_labels (--cond)")
+            raise DataError(f"{where} has no label for {fname}: add it, or drop --data.use_labels")
         labels[i] = table[fname]
     return labels
 
