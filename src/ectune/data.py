@@ -341,6 +341,12 @@ def load_dataset(
         generator = torch.Generator().manual_seed(_derive_seed(seed, 1 if split == "test" else 0))
         return ArrayDataset(name, sample_toy(name, max_items or TOY_SIZE, generator), None, 0)
 
+    if name in ("mnist", "fashion-mnist") and path is not None:
+        p = Path(path)
+        if (p.is_dir() if name == "mnist" else p.is_file()) or p.suffix.lower() in (".zip", ".npz"):
+            wants = "mnist.pkl.gz" if name == "mnist" else "a folder of its IDX files"
+            raise DataError(f"{name} reads {wants}, not {str(path)!r}: to use your own folder, .zip or .npz, "
+                            "give it a name of your own too (e.g. --data.name mydata)")
     if name == "mnist":
         _check_split(name, split, "mnist")
         images, labels = _load_mnist(path, split)
