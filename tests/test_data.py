@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import gzip
 import importlib.util
+import io
 import json
 import os
 import pickle
@@ -198,6 +199,27 @@ def test_rgba_opaque_is_dropped_transparent_is_an_error(tmp_path: Path) -> None:
     _save(tmp_path / "b" / "x.png", np.concatenate([rgb, alpha], axis=2))
     with raises_data_error("x.png", "transparent"):
         load_dataset("folder:" + str(tmp_path / "b"))
+    # a grayscale or RGB PNG whose tRNS chunk makes one colour transparent is transparent too
+    for mode, black, white in [("L", 0, 255), ("RGB", (0, 0, 0), (255, 255, 255))]:
+        (tmp_path / mode).mkdir()
+        Image.new(mode, (5, 6), black).save(tmp_path / mode / "x.png", transparency=black)
+        with raises_data_error("x.png", "transparent"):
+            load_dataset("folder:" + str(tmp_path / mode))
+        Image.new(mode, (5, 6), white).save(tmp_path / mode / "x.png", transparency=black)  # no pixel of that colour
+        assert load_dataset("folder:" + str(tmp_path / mode)).data.min().item() == 255
+
+
+def test_zip_with_two_entries_of_one_name_is_refused(tmp_path: Path) -> None:
+    import warnings
+
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        for name, value in [("a.png", 100), ("a.png", 200), ("b.png", 50)]:
+            buf = io.BytesIO()
+            Image.new("L", (4, 4), value).save(buf, "PNG")
+            z.writestr(name, buf.getvalue())
+    with raises_data_error("d.zip", "two entries named a.png"):
+        load_dataset(str(tmp_path / "d.zip"))
 
 
 def test_jpeg_and_palette_images(tmp_path: Path) -> None:
@@ -272,6 +294,7 @@ def test_npz_vectors(tmp_path: Path) -> None:
         ({"x": np.full((2, 2), np.nan)}, ("NaN",)),
         ({"x": np.zeros((2, 1, 4, 4), np.uint8), "images": np.zeros((2, 1, 4, 4), np.uint8)}, ("exactly one",)),
         ({"pixels": np.zeros((2, 1, 4, 4), np.uint8)}, ("'x' or 'images'",)),
+        ({"x": np.ones((2, 1, 4, 4), bool)}, ("bool", "uint8")),  # not images of 0 and 1 (near black)
     ],
 )
 def test_npz_rejects_bad_arrays(tmp_path: Path, arrays: dict, fragments: tuple[str, ...]) -> None:

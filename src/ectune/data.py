@@ -37,9 +37,10 @@ Decisions worth knowing:
 - ``max_items`` keeps a random subset of that size, chosen by a permutation seeded by ``seed``,
   in the original order. Folders decode only the images they keep.
 - Images: grayscale (PIL modes ``1``/``L``) -> 1 channel, RGB -> 3 channels, palette images ->
-  RGB. An alpha channel (RGBA/LA, or a palette with transparency) is dropped when every pixel is
-  opaque and is an error otherwise (the colour of transparent pixels is undefined). 16-bit, CMYK
-  and other modes are errors. All images must share size and channel count.
+  RGB. An alpha channel (RGBA/LA, or a palette, grayscale or RGB PNG with a transparent colour) is
+  dropped when every pixel is opaque and is an error otherwise (the colour of transparent pixels is
+  undefined). 16-bit, CMYK and other modes are errors. All images must share size and channel
+  count. A zip with two entries of one name is an error (which one is meant is not known).
 - Toys are scaled so that E||x||^2 / 2 = 0.25, i.e. the RMS over coordinates of the per-coordinate
   std is exactly sigma_data = 0.5, and centred at 0. The scaling is isotropic to keep each shape,
   so single coordinates differ where the shape is not round: per-coordinate std 0.5/0.5 for
@@ -689,6 +690,10 @@ class _ZipSource:
         self.file = file
         self.zip = zipfile.ZipFile(file)
         self.names = sorted(n for n in self.zip.namelist() if not n.endswith("/") and _is_image_name(n))
+        twice = next((a for a, b in zip(self.names, self.names[1:]) if a == b), None)
+        if twice is not None:
+            self.zip.close()
+            raise DataError(f"{file} holds two entries named {twice}: rebuild it with one file per name")
 
     def __enter__(self) -> _ZipSource:
         return self
@@ -767,6 +772,8 @@ def _decode(raw: bytes, where: str) -> np.ndarray:
                 im = im.convert("L")
             elif im.mode == "PA":
                 im = im.convert("RGBA")
+            elif im.mode in ("L", "RGB") and "transparency" in im.info:  # a PNG tRNS colour: check it below
+                im = im.convert("LA" if im.mode == "L" else "RGBA")
             if im.mode not in ("L", "LA", "RGB", "RGBA"):
                 raise DataError(
                     f"{where} has image mode {im.mode}: "
@@ -846,7 +853,7 @@ def _load_npz(name: str, file: Path, use_labels: bool, max_items: int | None, se
             data = x.astype(np.float32)
         if not np.isfinite(data).all():  # after the conversion: 1e39 overflows float32 to inf
             raise DataError(f"{where} holds NaN or infinite values, or values beyond float32's range: remove them")
-    elif x.ndim in (3, 4) and x.dtype.kind in "iub":
+    elif x.ndim in (3, 4) and x.dtype.kind in "iu":
         if x.dtype != np.uint8 and x.size and (x.min() < 0 or x.max() > 255):
             raise DataError(f"{where} has values {x.min()}..{x.max()}: images must be 0..255, store them as uint8")
         x = x.astype(np.uint8)
