@@ -369,3 +369,23 @@ def test_build_network():
         build_network("songunet", **TINY_MNIST, channels=3)
     with pytest.raises(ConfigError, match="'img_resolution'"):
         build_network("songunet", in_channels=1, out_channels=1)
+
+
+@pytest.mark.parametrize("network, change, message", [
+    ("songunet", {"dropout": 1.5}, "dropout probability must be in [0, 1)"),
+    ("songunet", {"num_blocks": -1}, "num_blocks=-1 must be an integer >= 1"),
+    ("songunet", {"model_channels": 16.0}, "model_channels=16.0 must be an integer >= 1"),
+    ("songunet", {"channel_mult": [1, 2.5, 2]}, "channel_mult=[1, 2.5, 2] must be a list of integers >= 1"),
+    ("songunet", {"attn_resolutions": None}, "attn_resolutions"),
+    ("songunet", {"channel_mult": 2}, "channel_mult"),
+    ("edm2unet", {"channels_per_head": 0}, "channels_per_head=0 must be an integer >= 1"),
+    ("edm2unet", {"num_blocks": True}, "num_blocks=True"),
+])
+def test_bad_network_options_are_one_config_error(network, change, message):
+    """Options the constructors cannot take (from --network.kwargs or a converted checkpoint's recorded
+    kwargs) raise ConfigError naming the option, not a ValueError, TypeError or ZeroDivisionError."""
+    base = TINY_MNIST if network == "songunet" else dict(img_resolution=16, img_channels=3, model_channels=16,
+                                                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    with pytest.raises(ConfigError) as info:
+        build_network(network, **{**base, **change})
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -38,7 +38,8 @@ def build_network(name: str, **kwargs) -> nn.Module:
     """Build the backbone registered as ``name`` in :data:`NETWORKS` with constructor ``kwargs``.
 
     Raises:
-        ConfigError: unknown ``name``, an unknown keyword, or a missing required keyword.
+        ConfigError: unknown ``name``, an unknown keyword, a missing required keyword, or values the
+            constructor refuses (e.g. a dropout of 1.5, a float channel count, 0 channels per head).
     """
     if name not in NETWORKS:
         raise ConfigError(f"unknown network {name!r}; valid names: {', '.join(sorted(NETWORKS))}")
@@ -50,4 +51,8 @@ def build_network(name: str, **kwargs) -> nn.Module:
     missing = [p for p, spec in params.items() if spec.default is inspect.Parameter.empty and p not in kwargs]
     if missing:
         raise ConfigError(f"network {name!r} needs the option {missing[0]!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError, KeyError, IndexError) as e:
+        why = str(e) or type(e).__name__
+        raise ConfigError(f"network {name!r} cannot be built with options {kwargs}: {why}; fix that option") from None

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ectune.errors import ConfigError
+
 _ACTIVE: contextvars.ContextVar[DropoutMasks | None] = contextvars.ContextVar("ectune_dropout", default=None)
 
 
@@ -71,7 +73,7 @@ class SharedDropout(nn.Module):
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+            raise ConfigError(f"dropout probability must be in [0, 1), got {p}")
         self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
