@@ -522,6 +522,10 @@ def test_existing_non_empty_dest_is_left_untouched(tmp_path, fake_persistence):
     with pytest.raises(CheckpointError, match="is a file"):
         convert_checkpoint(src, tmp_path / "a-file")
     assert (tmp_path / "a-file").read_text() == "x"
+    with pytest.raises(CheckpointError, match="a-file is a file") as err:  # a destination below a file
+        convert_checkpoint(src, tmp_path / "a-file" / "sub" / "model")
+    _assert_one_line(err)
+    assert (tmp_path / "a-file").read_text() == "x"
 
 
 def test_snapshot_dict_without_network(tmp_path, fake_persistence):

@@ -79,6 +79,12 @@ def check_new_folder(dest: Path, what: str) -> None:
     if dest.is_dir() and any(dest.iterdir()):
         raise CheckpointError(f"{dest} already exists and is not empty: choose a new folder for the {what} "
                               f"(nothing was overwritten)")
+    parent = next(p for p in dest.absolute().parents if p.exists())  # the root always exists
+    if not parent.is_dir():
+        raise CheckpointError(f"{dest} cannot be created: {parent} is a file; choose another folder for the {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{dest} cannot be created: {parent} is not writable; choose another folder for "
+                              f"the {what}")
 
 
 def write_folder_atomic(dest: str | os.PathLike, what: str, write: Callable[[Path], None]) -> Path:
@@ -86,8 +92,11 @@ def write_folder_atomic(dest: str | os.PathLike, what: str, write: Callable[[Pat
     complete or untouched (absent or empty)."""
     dest = Path(dest)
     check_new_folder(dest, what)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot create {dest} ({e.strerror}): choose another folder for the {what}") from None
     try:
         write(tmp)
         check_new_folder(dest, what)
