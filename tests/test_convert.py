@@ -415,6 +415,10 @@ def test_tensor_reaching_past_its_storage_is_refused():
         _rebuild_tensor(storage, 1, (4,), (1,))
     with pytest.raises(CheckpointError, match="past its storage"):
         _rebuild_tensor(storage, 0, (2, 2), (3, 1))
+    # a tiny file must not make the copy allocate far more than it holds: stride 0 over one element
+    with pytest.raises(CheckpointError, match="overlapping view"):
+        _rebuild_tensor(storage, 0, (100_000, 100_000), (0, 0))
+    assert torch.equal(_rebuild_tensor(storage, 0, (2, 2), (1, 2)), torch.tensor([[0.0, 2.0], [1.0, 3.0]]))
 
 
 def test_allow_list_is_short_and_has_no_code_runners():
