@@ -460,7 +460,7 @@ def test_missing_and_non_pickle_files(tmp_path):
         convert_checkpoint(text, tmp_path / "out")
     _assert_one_line(err)
     torch.save({"w": torch.zeros(2)}, tmp_path / "state.pt")
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(CheckpointError, match="zip archive .as torch.save writes.") as err:
         convert_checkpoint(tmp_path / "state.pt", tmp_path / "out")
     _assert_one_line(err)
     assert not (tmp_path / "out").exists()

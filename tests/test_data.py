@@ -187,6 +187,9 @@ def test_empty_folder_and_missing_path(tmp_path: Path) -> None:
     (tmp_path / "fake.zip").write_bytes(b"not a zip")
     with raises_data_error("not a readable zip"):
         load_dataset(str(tmp_path / "fake.zip"))
+    (tmp_path / "fake.npz").write_bytes(b"not an npz")  # np.load would speak of pickles and allow_pickle
+    with raises_data_error("fake.npz is not an .npz (zip) archive"):
+        load_dataset(str(tmp_path / "fake.npz"))
 
 
 def test_rgba_opaque_is_dropped_transparent_is_an_error(tmp_path: Path) -> None:

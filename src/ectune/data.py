@@ -837,6 +837,13 @@ def _load_images(
 
 def _load_npz(name: str, file: Path, use_labels: bool, max_items: int | None, seed: int) -> ArrayDataset:
     try:
+        with open(file, "rb") as fh:
+            is_zip = fh.read(4) == b"PK\x03\x04"
+    except OSError as exc:
+        raise DataError(f"cannot read {file} ({exc.strerror}): check the path and its permissions") from None
+    if not is_zip:  # np.load would try it as a pickle and talk of allow_pickle
+        raise DataError(f"{file} is not an .npz (zip) archive: save the arrays with numpy.savez")
+    try:
         with np.load(file, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except Exception as exc:  # not a zip, damaged member, object arrays (need pickle), ...

@@ -371,6 +371,10 @@ def load_pickle(path: str | Path) -> Any:
         raise CheckpointError(f"{path} is not a file: pass an EDM / EDM2 / ECT network pickle (.pkl)")
     try:
         with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise CheckpointError(f"{path} is a zip archive (as torch.save writes), not a network pickle: pass "
+                                      "the .pkl snapshot EDM, EDM2 or ECT training wrote")
+            f.seek(0)
             return _unpickle(f, str(path))
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read ({e.strerror})") from None
