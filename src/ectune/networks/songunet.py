@@ -180,8 +180,9 @@ class Conv2d(nn.Module):
         half_f = 0 if fir is None else (fir.shape[-1] - 1) // 2
 
         # Upsampling always filters first and convolves at the high resolution, so a "fused" up
-        # layer is the plain one. (EDM's fused-up branch crops the border and returns 2H - 4 for a
-        # 3x3 kernel; no EDM network uses it.)
+        # layer is the plain one. (EDM's fused-up branch has the same output size; with a 4-tap
+        # filter it convolves the uncropped upsampled border where this pads with zeros, so border
+        # values differ. No EDM network builds a fused up layer: NCSN++ fuses only downsampling.)
         if w is not None and self.fused_resample and self.down:
             x = self._downsample(F.conv2d(x, w, padding=half_w + half_f), fir, padding=0)
         else:
