@@ -64,6 +64,11 @@ def test_help_explains_every_option():
             continue
         assert f"--{key}" in r.stdout, key
         assert help_, f"{key} has no help text"
+    # the defaults shown are those of the default preset (mnist), not of the bare config class
+    text, tune = " ".join(r.stdout.split()), C.preset("mnist", "ect")
+    assert tune.total_nimg != C.TrainConfig().total_nimg and tune.batch != C.TrainConfig().batch
+    assert f"training length in images (a multiple of batch) (default {tune.total_nimg})" in text
+    assert f"all processes) (default {tune.batch})" in text and "defaults shown are the mnist preset's" in text
 
 
 @pytest.mark.parametrize("args, message", [

@@ -34,7 +34,8 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, cls: Any, skip: set[str] = frozenset()) -> None:
+    """One flag per option of ``cls`` (a config class, or a config whose values are the defaults shown)."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, tp, help_, default in C.iter_options(cls):
         if key in skip:
@@ -72,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, method in TRAIN_COMMANDS.items():
-        p = sub.add_parser(name, help=TRAIN_HELP[name], description=TRAIN_HELP[name], formatter_class=_HelpFormatter)
+        p = sub.add_parser(name, help=TRAIN_HELP[name], formatter_class=_HelpFormatter,
+                           description=f"{TRAIN_HELP[name].capitalize()}. The defaults shown are the mnist preset's; "
+                                       f"`ectune {name} --preset NAME --dry-run` prints another preset's config.")
         p.add_argument("--preset", default="mnist", help=f"named preset: {', '.join(C.PRESETS)}")
         p.add_argument("--config", help="JSON config file applied on top of the preset")
         p.add_argument("--resume", metavar="RUN_DIR", help="resume the run in RUN_DIR from its latest training state; "
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-        _add_config_flags(p, C.TrainConfig, skip={"method", "preset"})
+        _add_config_flags(p, C.preset("mnist", method), skip={"method", "preset"})
         p.set_defaults(method=method, handler=_cmd_train)
     p = sub.add_parser("convert", help="convert an EDM / EDM2 / official ECT network pickle into a model folder, "
                                        "without executing code from the file", formatter_class=_HelpFormatter)

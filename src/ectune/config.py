@@ -481,17 +481,18 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
     return from_dict(type(cfg), nested, base=cfg)
 
 
-def iter_options(cls: type, prefix: str = "") -> list[tuple[str, Any, str, Any]]:
-    """Every leaf option as (dotted key, type, help, default) for building --help."""
+def iter_options(cls: Any, prefix: str = "") -> list[tuple[str, Any, str, Any]]:
+    """Every leaf option as (dotted key, type, help, default) for building --help. ``cls`` is a config
+    class (defaults: the class's) or a config (defaults: its values, e.g. a preset's)."""
     out = []
-    types_ = _field_types(cls)
-    default = cls()
-    for f in dataclasses.fields(cls):
+    default = cls() if isinstance(cls, type) else cls
+    types_ = _field_types(type(default))
+    for f in dataclasses.fields(default):
         if f.name.startswith("_"):
             continue
         tp = types_[f.name]
         if dataclasses.is_dataclass(tp):
-            out.extend(iter_options(tp, prefix + f.name + "."))
+            out.extend(iter_options(getattr(default, f.name), prefix + f.name + "."))
         else:
             out.append((prefix + f.name, tp, f.metadata.get("help", ""), getattr(default, f.name)))
     return out
