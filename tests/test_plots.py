@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ectune.cli import main
-from ectune.plots import plot_runs, read_stats, teacher_run
+from ectune.plots import plot_runs, read_results, read_stats, step_series, teacher_run
 
 
 def _results(source: str, mode: str, rows: list[dict], n: int = 1000, best: dict | None = None) -> dict:
@@ -77,6 +77,28 @@ def test_stats_reader_skips_a_half_written_line(runs):
 def test_teacher_is_found_from_the_run_config(runs):
     assert teacher_run(runs[1]) == runs[0]
     assert teacher_run(runs[0]) is None
+
+
+def test_steps_plot_keeps_every_result(runs):
+    """Results at one NFE but other levels are points of their own, not replacements of each other: a
+    sweep at the model's level, then single 2-step results at 0.2 and 5 (the case a review found drawn
+    as the sweep alone)."""
+    teacher, student = runs
+    for name, level, fid in [("a.json", 0.2, 12.0), ("b.json", 5.0, 9.0)]:
+        (student / "eval" / name).write_text(json.dumps(_results(
+            str(student), "single", [_row("consistency", 2, 2, fid, [level])])))
+    (student / "eval" / "c.json").write_text(json.dumps(_results(str(student), "single", [_row("consistency", 1, 1, 21.0)])))
+    series = step_series({"ect": read_results(student), "edm": read_results(teacher)}, "fid")
+    assert series == {
+        "ect: consistency, N=1000, sweep (levels 0.821)": {1: 20.0, 2: 10.0},
+        "ect: consistency, N=100": {2: 25.0},
+        "ect: consistency, N=1000": {1: 21.0},
+        "ect: consistency, N=1000, 2 NFE at 0.2": {2: 12.0},
+        "ect: consistency, N=1000, 2 NFE at 5": {2: 9.0},
+        "edm: heun, N=1000, sweep": {9: 30.0, 19: 12.0, 35: 8.0},
+    }
+    (student / "eval" / "b.json").unlink()  # one 2-step single result left: it joins the 1-step one
+    assert step_series({"ect": read_results(student)}, "fid")["ect: consistency, N=1000"] == {1: 21.0, 2: 12.0}
 
 
 def test_plot_writes_all_figures_atomically(runs, tmp_path, capsys):

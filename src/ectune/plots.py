@@ -6,7 +6,8 @@
   the results ``ectune eval`` writes into ``<run>/eval/*.json`` (single settings and
   ``--steps-sweep``). An ECT run's teacher (its config's ``teacher``) is drawn beside it when the
   teacher's run folder holds results. One line per (model, sampler, N, encoder, reference): FIDs at
-  different N are not comparable, so they are never joined.
+  different N are not comparable, so they are never joined; each steps sweep is a line of its own, and
+  single results at one NFE but different levels are separate points (:func:`step_series`).
 - ``mid.png``: the ``--search-mid`` scans (metric against the 2-step intermediate level).
 - ``samples.png``: the latest preview of each run side by side, when more than one run is given.
 
@@ -156,35 +157,70 @@ def _step_metric(results: Sequence[dict[str, Any]]) -> str | None:
     return None
 
 
-def plot_steps(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
-    """Metric against NFE, one line per (model, sampler, N, encoder, reference); False if none."""
-    usable = {label: [r for r in rs if r.get("mode") in ("single", "steps_sweep") and r.get("source_kind") == "model"]
-              for label, rs in results.items()}
-    metric = _step_metric([r for rs in usable.values() for r in rs])
-    if metric is None:
-        return False
-    series: dict[tuple, dict[str, Any]] = {}
-    for label, rs in usable.items():
-        for res in rs:
-            for row in res["results"]:
-                value, n = row.get(metric), row.get("nfe")
-                if not isinstance(value, (int, float)) or not isinstance(n, int) or not math.isfinite(value):
-                    continue
+def _steps_result(res: dict[str, Any]) -> bool:
+    """Whether an eval result has points for steps.png: a model at single settings or a steps sweep."""
+    return res.get("mode") in ("single", "steps_sweep") and res.get("source_kind") == "model"
+
+
+def _levels(sigmas: Sequence[float]) -> str:
+    return ",".join(f"{s:g}" for s in sigmas)
+
+
+def step_series(results: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, dict[int, float]]:
+    """The lines of ``steps.png``: legend label -> {NFE: metric}.
+
+    A line is one (model, sampler, N, encoder, reference). Each ``--steps-sweep`` with its own levels
+    is a line of its own; single settings join into one line, except those at an NFE measured at more
+    than one set of levels (e.g. 2 steps at 0.2 and at 5): each of those is a point of its own, its
+    levels in the label. Of two results at the same setting, the later file's replaces the earlier.
+    """
+    sweeps: dict[tuple, dict[int, float]] = {}
+    singles: dict[tuple, dict[int, dict[tuple, float]]] = {}
+    labels: dict[tuple, str] = {}
+    for label, rs in results.items():
+        for res in filter(_steps_result, rs):
+            rows = [r for r in res["results"] if isinstance(r.get(metric), (int, float)) and isinstance(r.get("nfe"), int)
+                    and math.isfinite(r[metric])]
+            for row in rows:
                 key = (label, *_series_key(res, row))
-                entry = series.setdefault(key, {"points": {}, "label": f"{label}: {row['method']}, N={res['num_images']}"})
-                entry["points"][n] = value  # a later file with the same setting replaces an earlier one
+                labels[key] = f"{label}: {row['method']}, N={res['num_images']}"
+                levels = tuple(row.get("sigmas") or ())
+                if res["mode"] == "steps_sweep":
+                    sweep = tuple(tuple(r.get("sigmas") or ()) for r in rows)
+                    sweeps.setdefault((*key, sweep), {})[row["nfe"]] = row[metric]
+                else:
+                    singles.setdefault(key, {}).setdefault(row["nfe"], {})[levels] = row[metric]
+    out: dict[str, dict[int, float]] = {}
+    for (*key, sweep), points in sweeps.items():
+        shown = [_levels(s) for s in sweep if s]
+        out[labels[tuple(key)] + (f", sweep (levels {'; '.join(shown)})" if shown else ", sweep")] = points
+    for key, by_nfe in singles.items():
+        line = {n: next(iter(v.values())) for n, v in by_nfe.items() if len(v) == 1}
+        if line:
+            out[labels[key]] = line
+        for n, v in by_nfe.items():
+            if len(v) > 1:
+                for levels, value in v.items():
+                    out[f"{labels[key]}, {n} NFE at {_levels(levels) or 'no levels'}"] = {n: value}
+    return out
+
+
+def plot_steps(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Metric against NFE, lines as :func:`step_series` draws them; False if none."""
+    metric = _step_metric([r for rs in results.values() for r in filter(_steps_result, rs)])
+    series = step_series(results, metric) if metric is not None else {}
     if not series:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for entry in series.values():
-        xs = sorted(entry["points"])
-        ax.plot(xs, [entry["points"][x] for x in xs], marker="o", label=entry["label"])
+    for label, points in series.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib_ticker().FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel(metric)
-    if metric in ("fid", "fd_dinov2") and all(v > 0 for e in series.values() for v in e["points"].values()):
+    if metric in ("fid", "fd_dinov2") and all(v > 0 for points in series.values() for v in points.values()):
         ax.set_yscale("log")
     ax.set_title(f"{metric} against sampling steps")
     ax.grid(alpha=0.3, which="both")
