@@ -144,3 +144,24 @@ def test_plot_bad_input_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing to plot" in err
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_plot_out_below_a_file_and_damaged_results(runs, tmp_path, capsys):
+    """Found by a review: --out below a file was a NotADirectoryError traceback; a results file with
+    the ectune-eval format but fields missing was a KeyError, not skipped with a warning."""
+    teacher, student = runs
+    (tmp_path / "afile").write_text("keep")
+    assert main(["plot", str(student), "--out", str(tmp_path / "afile" / "x")]) == 2
+    err = capsys.readouterr().err.splitlines()  # the fixture's junk.json warns first
+    assert err[-1].startswith("error: cannot create --out") and "Traceback" not in "".join(err)
+    assert (tmp_path / "afile").read_text() == "keep"
+    damaged = [{k: v for k, v in _results(str(student), "single", [_row("consistency", 1, 1, 5.0)]).items()
+                if k != "num_images"},
+               _results(str(student), "search_mid", [_row("consistency", 2, 2, 5.0, [0.3])], best={"by": "fid"})]
+    for i, d in enumerate(damaged):
+        (student / "eval" / f"damaged{i}.json").write_text(json.dumps(d))
+    assert main(["plot", str(student), "--out", str(tmp_path / "figs")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("fields missing or damaged") == 2
+    assert len(read_results(student)) == 3  # the fixture's three valid results, and nothing else
+

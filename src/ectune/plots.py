@@ -65,6 +65,12 @@ def read_results(run_dir: Path) -> list[dict[str, Any]]:
         if not isinstance(data, dict) or data.get("format") != "ectune-eval" or not isinstance(data.get("results"), list):
             _warn(f"skipping {path}: not an ectune eval results file")
             continue
+        best = data.get("best")
+        if (not isinstance(data.get("num_images"), int) or not all(isinstance(r, dict) for r in data["results"])
+                or (best is not None and not (isinstance(best, dict) and isinstance(best.get("mid_sigma"), (int, float))
+                                              and isinstance(best.get(best.get("by")), (int, float))))):
+            _warn(f"skipping {path}: an ectune eval results file with fields missing or damaged")
+            continue
         out.append(data)
     return out
 
@@ -308,6 +314,10 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
     folder = Path(out) if out is not None else runs[0] / "plots"
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file: pass a folder for the PNGs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {folder} ({e.strerror}): pass a folder that can be written") from None
     written = []
     for name, draw, data in (("training.png", plot_training, stats), ("steps.png", plot_steps, results),
                              ("mid.png", plot_mid, results)):
