@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ectune import config as C
+from ectune.checkpoint import run_relative_path
 from ectune.plots import read_stats
 from ectune.report import write_tune_report
 
@@ -28,16 +30,26 @@ TARGETS = {"ECM 2 steps": 1.3, "ECM 1 step": 2.5}
 """The largest FID ratio to the teacher's that meets issue 4's target."""
 
 
+def fail(message: str) -> None:
+    """Bad input: one line, exit code 2 (as the ectune CLI)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def measure(run_dir: Path, num_images: int, out: Path, **report_kw) -> dict:
     """Write the run's report at ``num_images`` into ``out`` and return its results object."""
     saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    cfg = C.from_dict(C.TrainConfig, {**saved, "report_num_images": num_images})
+    if not isinstance(saved, dict) or saved.get("method") != "ect" or not saved.get("teacher"):
+        fail(f"{run_dir} is not an `ectune tune` run (its config.json names no ECT teacher): pass the folder of one")
+    if num_images < 2:
+        fail(f"--num_images must be at least 2, got {num_images}")
+    teacher = run_relative_path(run_dir, saved.get("run_dir"), saved["teacher"])  # recorded from the start folder
+    cfg = C.from_dict(C.TrainConfig, {**saved, "teacher": teacher, "report_num_images": num_images})
     if (out / "results.json").exists():
-        raise SystemExit(f"error: {out} already holds a measurement: pass another --out, or delete it to measure again")
+        fail(f"{out} already holds a measurement: pass another --out, or delete it to measure again")
     records = read_stats(run_dir)  # the last: images seen and training wall time at the end
     if not records:
-        raise SystemExit(f"error: {run_dir / 'stats.jsonl'} is missing or empty: pass the folder of a finished "
-                         f"`ectune tune` run")
+        fail(f"{run_dir / 'stats.jsonl'} is missing or empty: pass the folder of a finished `ectune tune` run")
     stats = records[-1]
     out.mkdir(parents=True, exist_ok=True)
     write_tune_report(run_dir, cfg, train_wall_s=stats["wall_s"], nimg=stats["nimg"], out_dir=out,
@@ -67,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.json").is_file():
-        raise SystemExit(f"error: {run_dir} has no config.json: pass the folder of a finished `ectune tune` run")
+        fail(f"{run_dir} has no config.json: pass the folder of a finished `ectune tune` run")
     out = Path(args.out) if args.out else run_dir / f"targets-n{args.num_images}"
     results = measure(run_dir, args.num_images, out)
     print("\n".join(verdict(results)))

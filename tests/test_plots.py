@@ -79,6 +79,21 @@ def test_teacher_is_found_from_the_run_config(runs):
     assert teacher_run(runs[0]) is None
 
 
+def test_a_teacher_recorded_relative_to_the_start_folder_is_found_from_anywhere(runs, tmp_path, monkeypatch):
+    """config.json records the teacher as given, relative to where `ectune tune` ran; the run's own
+    recorded run_dir tells where that was (a review found the teacher lost from any other folder)."""
+    teacher, student = runs
+    (student / "config.json").write_text(json.dumps({"method": "ect", "teacher": "edm-mnist/model",
+                                                      "run_dir": "ect-mnist"}))
+    monkeypatch.chdir(tmp_path)
+    assert teacher_run(Path("ect-mnist")).resolve() == teacher.resolve()
+    monkeypatch.chdir(teacher / "samples")
+    assert teacher_run(student) == teacher
+    (student / "config.json").write_text(json.dumps({"method": "ect", "teacher": "edm-mnist/model",
+                                                      "run_dir": "elsewhere/ect-mnist"}))  # not this run's path
+    assert teacher_run(student) is None
+
+
 def test_steps_plot_keeps_every_result(runs):
     """Results at one NFE but other levels are points of their own, not replacements of each other: a
     sweep at the model's level, then single 2-step results at 0.2 and 5 (the case a review found drawn

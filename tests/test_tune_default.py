@@ -152,7 +152,7 @@ def test_shipped_report_features_agree_with_the_shipped_teacher_and_encoder(tmp_
     assert row is not None and row[0].shape == (n, 1, 28, 28) and row[1].shape == (n, 2048)
 
 
-def test_tune_targets_is_the_report_at_larger_n_and_reuses_the_cached_teacher_row(tmp_path, monkeypatch,
+def test_tune_targets_is_the_report_at_larger_n_and_reuses_the_cached_teacher_row(tmp_path, monkeypatch, capsys,
                                                                                    benchmark_module):
     """benchmarks/tune_targets.py writes the run's report at N into its own folder (the run's report is
     untouched), takes the teacher's row from the cache on a second measurement, refuses to overwrite
@@ -179,8 +179,13 @@ def test_tune_targets_is_the_report_at_larger_n_and_reuses_the_cached_teacher_ro
     second = tt.measure(run, 20, tmp_path / "again", encoder=enc)
     assert "from_cache" not in first["rows"][0] and "from_cache" in second["rows"][0]
     assert second["rows"][0]["fid"] == pytest.approx(first["rows"][0]["fid"], rel=1e-3)
-    with pytest.raises(SystemExit, match="already holds a measurement"):
+    with pytest.raises(SystemExit) as exit_:
         tt.measure(run, 20, run / "targets-n20", encoder=enc)
+    assert exit_.value.code == 2 and "already holds a measurement" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # found by a review: a traceback, and an empty --out left behind
+        tt.measure(run, 0, tmp_path / "zero", encoder=enc)
+    assert exit_.value.code == 2 and "--num_images must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "zero").exists()
 
     lines = tt.verdict(first)
     rows = [json.loads(line) for line in lines[:-1]]

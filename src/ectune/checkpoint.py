@@ -206,6 +206,24 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
     return p
 
 
+def run_relative_path(run_dir: str | os.PathLike, recorded_run_dir: str | None, path: str) -> str:
+    """A path a run's config.json records (its teacher, say), made usable from the current folder.
+
+    Relative paths are recorded as given, relative to the folder the run was started from. If ``path``
+    does not exist from here but the run's recorded ``run_dir`` is relative too, the start folder is
+    ``run_dir`` without the recorded run_dir's parts, and ``path`` is taken from there; otherwise
+    ``path`` comes back unchanged (``builtin:`` names and absolute paths always do).
+    """
+    if path.startswith(BUILTIN_PREFIX) or Path(path).is_absolute() or Path(path).exists() or not recorded_run_dir:
+        return path
+    recorded, here = Path(recorded_run_dir), Path(run_dir).absolute()
+    parts = recorded.parts
+    if recorded.is_absolute() or len(parts) > len(here.parts) or here.parts[len(here.parts) - len(parts):] != parts:
+        return path
+    start = Path(*here.parts[:len(here.parts) - len(parts)])
+    return str(start / path) if (start / path).exists() else path
+
+
 def save_model(folder: str | os.PathLike, net: nn.Module, info: ModelInfo) -> None:
     """Write ``model.safetensors`` and ``config.json`` (weights first, so a config never points at missing weights)."""
     folder = Path(folder)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ectune.checkpoint import atomic_write
+from ectune.checkpoint import atomic_write, run_relative_path
 from ectune.errors import UserError
 
 METRIC_KEYS = ("fid", "fd_dinov2", "kid", "precision", "recall", "sw", "mmd")
@@ -84,9 +84,8 @@ def teacher_run(run_dir: Path) -> Path | None:
     teacher = cfg.get("teacher") if isinstance(cfg, dict) else None
     if not isinstance(teacher, str) or not teacher:
         return None
-    path = Path(teacher)
-    if not path.is_absolute() and not path.exists():
-        path = run_dir / path  # relative to where the run was started: try beside the run too
+    recorded = cfg.get("run_dir") if isinstance(cfg.get("run_dir"), str) else None
+    path = Path(run_relative_path(run_dir, recorded, teacher))
     for candidate in (path, path.parent):
         if (candidate / "stats.jsonl").is_file() or (candidate / "eval").is_dir():
             return candidate
