@@ -89,6 +89,7 @@ def test_help_explains_every_option():
     (["pretrain", "--preset", "toy2d", "--log_every_nimg", "0"], "log_every_nimg must be > 0"),
     (["pretrain", "--preset", "toy2d", "--ema.stds", "0"], "ema.stds must lie in (0, 0.3]"),
     (["pretrain", "--preset", "toy2d", "--ema.stds", "0.05,0.5"], "ema.stds must lie in (0, 0.3]"),
+    (["pretrain", "--preset", "toy2d", "--ema.stds", "0.0504,0.0496"], "would share the name ema-std0.050"),
     (["pretrain", "--preset", "toy2d", "--optim.betas", "0.9,1.5"], "optim.betas must be two numbers"),
     (["pretrain", "--preset", "toy2d", "--optim.eps", "-1"], "optim.eps"),
     (["pretrain", "--preset", "toy2d", "--optim.grad_clip", "-1"], "grad_clip must be positive"),

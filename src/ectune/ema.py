@@ -19,6 +19,11 @@ from torch import nn
 from ectune import schedules
 
 
+def power_ema_name(std: float) -> str:
+    """The name of the power-function EMA of relative std ``std`` (in states, exports and --ema)."""
+    return f"ema-std{std:.3f}"
+
+
 def _copy_frozen(net: nn.Module) -> nn.Module:
     ema = copy.deepcopy(net).eval()
     ema.requires_grad_(False)
@@ -85,7 +90,7 @@ class PowerFunctionEMA:
             _lerp_into(ema, net, schedules.power_ema_beta(nimg - self.nimg_offset, batch, gamma))
 
     def nets(self) -> dict[str, nn.Module]:
-        return {f"ema-std{std:.3f}": ema for std, ema in zip(self.stds, self.emas)}
+        return {power_ema_name(std): ema for std, ema in zip(self.stds, self.emas)}
 
     def state_dict(self) -> dict:
         state = {name: net.state_dict() for name, net in self.nets().items()}
