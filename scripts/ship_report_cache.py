@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,28 +30,34 @@ from ectune.metrics.store import write_entry
 from ectune.report import _settings, _teacher_entry, sample_setting, save_teacher_row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num_images", type=int, default=C.preset("mnist", "ect").report_num_images)
-    n = parser.parse_args().num_images
+def ship(n: int, features_dir: Path = SHIPPED_FEATURES, teacher_folder: Path | None = None) -> list[Path]:
+    """Compute both files' contents at N, then write them (nothing is written if anything fails);
+    returns the .npz files written. The defaults are the shipped places."""
     cfg = C.preset("mnist", "ect")
     with tempfile.TemporaryDirectory() as tmp:
         evaluator = build_evaluator(cfg.data.name, cfg.data.path, "train", n, (1, 28, 28), "auto", cache_dir=tmp)
     ref = evaluator.reference
-    keys = ("dataset_id", "dataset_hash", "n", "encoder", "encoder_hash", "feature_dim", "resolution")
-    npz, js = cache_paths(SHIPPED_FEATURES, ref.provenance["dataset_id"], evaluator.encoder.name, n)
-    write_entry(npz, js, {"features": ref.features.astype(np.float16)}, {k: ref.provenance[k] for k in keys})
-    print(f"wrote {npz}")
-
-    folder = resolve_model_folder(cfg.teacher)
-    denoiser, info = load_model(cfg.teacher)
+    folder = teacher_folder or resolve_model_folder(cfg.teacher)
+    denoiser, info = load_model(folder)
     s = _settings(info.mid_sigma)["teacher, Heun 35 NFE"]
     with torch.no_grad():
         images = sample_setting(denoiser, info, s, n)
-    expected, places = _teacher_entry(folder, s, n, evaluator.encoder)
-    npz, js = places[0]
-    save_teacher_row(npz, js, expected, cfg.teacher, images, evaluator.encode(images))
-    print(f"wrote {npz}")
+    expected, places = _teacher_entry(folder, s, n, evaluator.encoder, info.label_dim)
+    features = evaluator.encode(images)
+
+    keys = ("dataset_id", "dataset_hash", "n", "encoder", "encoder_hash", "feature_dim", "resolution")
+    ref_npz, ref_json = cache_paths(features_dir, ref.provenance["dataset_id"], evaluator.encoder.name, n)
+    write_entry(ref_npz, ref_json, {"features": ref.features.astype(np.float16)}, {k: ref.provenance[k] for k in keys})
+    teacher_npz, teacher_json = places[0]
+    save_teacher_row(teacher_npz, teacher_json, expected, cfg.teacher, images, features)
+    return [ref_npz, teacher_npz]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num_images", type=int, default=C.preset("mnist", "ect").report_num_images)
+    for path in ship(parser.parse_args().num_images):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from ectune import config as C
 from ectune.checkpoint import BUILTIN_PREFIX, builtin_model, load_model
 from ectune.metrics.encoders import default_inception_path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 needs_inception = pytest.mark.skipif(default_inception_path() is None or not default_inception_path().is_file(),
@@ -130,6 +132,34 @@ def test_report_caches_the_teacher_row_and_uses_it_only_when_it_checks_out(tmp_p
     assert third["rows"][0]["fid"] == pytest.approx(first["rows"][0]["fid"], rel=1e-9)
     fixed = read_entry(npz, js, expected, list(expected), {"images": (24, 1, 8, 8), "features": (24, 16)})
     np.testing.assert_array_equal(fixed[0]["images"], arrays["images"])  # the cache holds the true row again
+
+
+@pytest.mark.slow
+@needs_inception
+def test_ship_report_cache_writes_rows_the_report_accepts(tmp_path):
+    """scripts/ship_report_cache.py at N = 4 into a copy of the teacher and a scratch features folder
+    (a review found it crashing after writing its first file): both files come out, and the teacher
+    row passes the report's check."""
+    import importlib.util
+    import shutil
+
+    from ectune.evaluate import build_evaluator
+    from ectune.report import _cached_teacher_row, _settings, _teacher_entry
+
+    spec = importlib.util.spec_from_file_location("ship_report_cache", ROOT / "scripts" / "ship_report_cache.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(builtin_model("mnist"), teacher, ignore=shutil.ignore_patterns("report-cache"))
+    written = ship.ship(4, tmp_path / "features", teacher)
+    assert [p.parent for p in written] == [tmp_path / "features", teacher / "report-cache"]
+    assert all(p.is_file() and p.with_suffix(".json").is_file() for p in written)
+    denoiser, info = load_model(teacher)
+    s = _settings(info.mid_sigma)["teacher, Heun 35 NFE"]
+    evaluator = build_evaluator("mnist", None, "train", 4, (1, 28, 28), "auto", cache_dir=tmp_path / "cache")
+    expected, places = _teacher_entry(teacher, s, 4, evaluator.encoder, info.label_dim)
+    row = _cached_teacher_row(denoiser, info, s, expected, places[:1], 4, evaluator, "cpu")
+    assert row is not None and row[0].shape == (4, 1, 28, 28)
 
 
 @pytest.mark.slow
