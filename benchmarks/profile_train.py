@@ -25,6 +25,7 @@ import time
 import torch
 
 from ectune import config as C
+from ectune.errors import UserError
 from ectune.training import train
 
 # (part, predicate on (file, line, function name)) — cumulative time of the first matching frames.
@@ -54,11 +55,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = C.preset(args.preset, args.method)
-    cfg = C.apply_overrides(cfg, dict(item.partition("=")[::2] for item in args.set))  # coerced per key type
+    try:
+        cfg = C.preset(args.preset, args.method)
+        cfg = C.apply_overrides(cfg, dict(item.partition("=")[::2] for item in args.set))  # coerced per key type
+        cfg = dataclasses.replace(cfg, total_nimg=args.nimg, report_num_images=0, checkpoint_every_nimg=0,
+                                  preview_every_nimg=0, eval_every_nimg=0)
+        C.validate(cfg)
+    except UserError as e:
+        ap.exit(2, f"error: {e}\n")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = dataclasses.replace(cfg, total_nimg=args.nimg, run_dir=f"{tmp}/run", report_num_images=0,
-                                  checkpoint_every_nimg=0, preview_every_nimg=0, eval_every_nimg=0)
+        cfg = dataclasses.replace(cfg, run_dir=f"{tmp}/run")
         profiler = cProfile.Profile()
         t0 = time.perf_counter()
         profiler.enable()

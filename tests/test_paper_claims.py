@@ -93,6 +93,19 @@ def test_command_line(pc, capsys):
         assert max(plan.ect_points) == plan.ect_nimg
 
 
+def test_the_study_keeps_its_own_recipe_when_the_preset_moves(pc, tmp_path):
+    """results/paper_claims/ were measured with the mnist preset of 2026-12-01; the preset has moved
+    since (the 10-minute default), so the study pins what it ran: a rerun trains the same recipe."""
+    from ectune import config as C
+
+    preset = C.preset("mnist", "ect")
+    ect = pc.mnist_ect_cfg(4096, tmp_path / "a", 8)
+    ict = pc.mnist_ict_cfg(4096, tmp_path / "b")
+    assert (ect.batch, ect.optim.lr, ect.ema.beta, ect.preview.mid_sigma) == (64, 4e-4, 0.99, 0.821)
+    assert (preset.batch, preset.optim.lr, preset.ema.beta) != (ect.batch, ect.optim.lr, ect.ema.beta)
+    assert (ict.batch, ict.optim, ict.ema) == (ect.batch, ect.optim, ect.ema)  # iCT gets ECT's optimiser
+
+
 def test_q256_over_8_stages_is_refused_and_tabled_as_such(pc, tmp_path):
     """q = 256 over the ablations' 8 stages passes float32's resolution of r(t) (from stage 2): the run
     is refused at start, and the table says so rather than 'diverged'."""
