@@ -7,6 +7,7 @@ temporary folder: nothing is downloaded.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -272,7 +273,7 @@ def test_karras_rho_places_the_two_step_level():
         s.set_timesteps(2)
         assert s.sigmas[:2].tolist() == pytest.approx([80.0, mid], rel=1e-6)
     assert karras_rho(80.0, 0.821, 0.0) == pytest.approx(6.3678, abs=1e-4)
-    with pytest.raises(ConfigError, match="renoise='ect'"):
+    with pytest.raises(ConfigError, match="--renoise ect"):
         karras_rho(80.0, 0.05, 0.003)  # below the lowest level the iCT grid can place
 
 
@@ -379,4 +380,6 @@ def test_bad_convert_and_export_targets(tmp_path, teacher, tuned):
         export_diffusers(tmp_path / "nothing", tmp_path / "e3")
     with pytest.raises(CheckpointError, match="no model_index.json"):
         load_pipeline(tmp_path)
-    assert all(nothing_written(tmp_path / name) for name in ("x", "e1", "e2", "e3"))
+    with pytest.raises(ConfigError, match="must be finite numbers"):  # not "levels [1.0, 1.0] are not (inf, 0.15)"
+        export_diffusers(tuned, tmp_path / "e4", sigma_max=math.inf)
+    assert all(nothing_written(tmp_path / name) for name in ("x", "e1", "e2", "e3", "e4"))

@@ -1,4 +1,5 @@
-"""The ``ectune`` command line: pretrain, tune, train-ict, sample, convert, export-ema, eval, plot.
+"""The ``ectune`` command line: pretrain, tune, train-ict, sample, eval, plot, convert, export-ema,
+export-diffusers.
 
 Every config option is a flag named by its dotted key (``--ect.q 4``, ``--optim.lr 2e-4``,
 ``--network.kwargs.model_channels 32``); ``--config FILE`` reads a JSON config first; ``--dry-run``

@@ -82,7 +82,8 @@ class EMAConfig:
 
 @dataclass(frozen=True)
 class PreviewConfig:
-    steps: int = opt(0, "preview sampler steps (0 = consistency 1/2-step for tune/ict, Heun 18 for pretrain)")
+    steps: int = opt(0, "Heun steps of pretrain's previews and training-time metrics (0 = 18); tune/ict always "
+                        "preview 1 and 2 steps")
     mid_sigma: float = opt(0.821, "2-step intermediate noise level of consistency previews, the tune report and "
                                    "the exported model (its default for `ectune sample` / `eval`)")
     num_images: int = opt(64, "images per preview grid")

@@ -323,7 +323,7 @@ def karras_rho(sigma_max: float, sigma_mid: float, sigma_min: float, num_timeste
     if sigma_mid <= floor * (1 + 1e-9):
         raise ConfigError(f"with re-noising 'ict' (scheduler sigma_min {sigma_min:g}) the diffusers scheduler cannot "
                           f"place its 2-step level at {sigma_mid:g} (the lowest it can is {floor:.4g}): export with "
-                          f"renoise='ect'")
+                          f"--renoise ect (renoise='ect')")
 
     def log_level(u: float) -> float:  # ln of the power mean of order u = 1/rho
         a, b = u * math.log(sigma_max) + math.log(1 - f), u * math.log(sigma_min) + math.log(f)
@@ -346,6 +346,8 @@ def _export_checks(info: Any, model_folder: str | os.PathLike, mid: float, sigma
                               f"ConsistencyModelPipeline generates square images (channels, size, size)")
     if renoise not in ("ect", "ict"):
         raise ConfigError(f"unknown re-noising {renoise!r}: use 'ect' or 'ict'")
+    if not (math.isfinite(sigma_max) and math.isfinite(mid)):
+        raise ConfigError(f"mid_sigma ({mid:g}) and sigma_max ({sigma_max:g}) must be finite numbers, e.g. 0.15 and 80")
     if not (sigma_max > 0 and 0 < mid < sigma_max):
         raise ConfigError(f"need 0 < mid_sigma ({mid:g}) < sigma_max ({sigma_max:g})")
 
