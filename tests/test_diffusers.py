@@ -20,6 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 from ectune import config as C  # noqa: E402
 from ectune.checkpoint import ModelInfo, load_model, save_model  # noqa: E402
 from ectune.errors import CheckpointError, ConfigError  # noqa: E402
+from ectune.sampling import seed_labels  # noqa: E402
 from ectune.interop.diffusers import (cli_convert_diffusers, cli_export_diffusers, convert_diffusers,  # noqa: E402
                                       export_diffusers, is_diffusers_folder, karras_rho, load_pipeline,
                                       pipeline_sample)
@@ -256,6 +257,9 @@ def test_export_songunet(tmp_path, scalings, renoise):
     out = export_diffusers(tmp_path / "model", tmp_path / "export", renoise=renoise, sigma_max=10.0)
     labels = torch.tensor([0, 2, 1, 2])
     assert_pipeline_matches(tmp_path / "model", out, renoise, labels=labels, sigma_max=10.0)
+    # the exported README's labels for seeds are the ones `ectune sample` uses (sampling.seed_labels)
+    assert "class_labels=[s % 3 for s in seeds]" in (out / "README.md").read_text()
+    assert seed_labels([0, 1, 5, 11], 3, "cpu").argmax(1).tolist() == [s % 3 for s in [0, 1, 5, 11]]
     den, _ = load_model(tmp_path / "model")
     other = generate(den, info, method="consistency", steps=2, seeds=[0, 1, 5, 11], labels=torch.eye(3)[labels],
                      renoise="ict" if renoise == "ect" else "ect", sigma_max=10.0)

@@ -355,7 +355,9 @@ def _export_checks(info: Any, model_folder: str | os.PathLike, mid: float, sigma
 def _readme(info: Any, model_folder: str | os.PathLike, mid: float, sigma_max: float, renoise: str, rho: float) -> str:
     from ectune import __version__
     shape = "x".join(str(s) for s in info.data_shape)
-    cond = f"class-conditional ({info.label_dim} classes: pass class_labels)" if info.label_dim else "unconditional"
+    cond = (f"class-conditional ({info.label_dim} classes: pass class_labels; `ectune sample` gives seed s the "
+            f"class s mod {info.label_dim}, so `class_labels=[s % {info.label_dim} for s in seeds]` matches it)"
+            if info.label_dim else "unconditional")
     return f"""# ectune consistency model for diffusers
 
 Exported by ectune {__version__} from `{model_folder}`: network `{info.network}`, method `{info.method}`,
