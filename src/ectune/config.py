@@ -25,7 +25,7 @@ from ectune.errors import ConfigError
 from ectune.sampling import SIGMA_MAX
 from ectune.fields import opt
 from ectune.losses import ECTLoss, EDMLoss, ICTLoss
-from ectune.metrics import IMAGE_METRICS, POINT_METRICS
+from ectune.metric_names import IMAGE_METRICS, POINT_METRICS
 from ectune.networks import MNIST_CONFIG
 
 SCHEMA_VERSION = 1

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ectune.metric_names import IMAGE_METRICS, POINT_METRICS
 from ectune.metrics._arrays import ArrayLike
 from ectune.metrics.distances2d import mmd_rbf, sliced_wasserstein
 from ectune.metrics.encoders import DINOv2Encoder, Encoder, InceptionV3Encoder, get_encoder
@@ -19,10 +20,6 @@ from ectune.metrics.kid import KIDResult, kernel_inception_distance
 from ectune.metrics.prdc import PrecisionRecall, precision_recall
 from ectune.metrics.reference import ReferenceStats, reference_stats
 
-IMAGE_METRICS = ("fid", "kid", "precision", "recall")
-"""Metrics of images, computed on encoder features (:func:`compute_metrics`)."""
-POINT_METRICS = ("sw", "mmd")
-"""Metrics of 2-D points, computed on the points themselves."""
 METRICS = IMAGE_METRICS
 
 __all__ = [
