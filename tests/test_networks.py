@@ -369,6 +369,8 @@ def test_build_network():
         build_network("songunet", **TINY_MNIST, channels=3)
     with pytest.raises(ConfigError, match="'img_resolution'"):
         build_network("songunet", in_channels=1, out_channels=1)
+    # label_dim / augment_dim None (as some recorded configs have them) mean 0, as they always did
+    assert build_network("songunet", **TINY_MNIST, label_dim=None, augment_dim=None).label_dim == 0
 
 
 @pytest.mark.parametrize("network, change, message", [
@@ -376,8 +378,10 @@ def test_build_network():
     ("songunet", {"num_blocks": -1}, "num_blocks=-1 must be an integer >= 1"),
     ("songunet", {"model_channels": 16.0}, "model_channels=16.0 must be an integer >= 1"),
     ("songunet", {"channel_mult": [1, 2.5, 2]}, "channel_mult=[1, 2.5, 2] must be a list of integers >= 1"),
-    ("songunet", {"attn_resolutions": None}, "attn_resolutions"),
-    ("songunet", {"channel_mult": 2}, "channel_mult"),
+    ("songunet", {"attn_resolutions": None}, "attn_resolutions=None must be a list of integers >= 0"),
+    ("songunet", {"channel_mult": "1,2"}, "channel_mult='1,2' must be a list of integers >= 1"),
+    ("songunet", {"dropout": "0.1"}, "dropout probability must be in [0, 1), got '0.1'"),
+    ("edm2unet", {"channel_mult": 2}, "channel_mult=2 must be a list of integers >= 1"),
     ("edm2unet", {"channels_per_head": 0}, "channels_per_head=0 must be an integer >= 1"),
     ("edm2unet", {"num_blocks": True}, "num_blocks=True"),
 ])

@@ -55,4 +55,5 @@ def build_network(name: str, **kwargs) -> nn.Module:
         return cls(**kwargs)
     except (TypeError, ValueError, AssertionError, ZeroDivisionError, KeyError, IndexError) as e:
         why = str(e) or type(e).__name__
-        raise ConfigError(f"network {name!r} cannot be built with options {kwargs}: {why}; fix that option") from None
+        raise ConfigError(f"network {name!r} cannot be built from its options ({why}): check the values of "
+                          f"--network.kwargs (ectune {name} options: {', '.join(params)})") from None

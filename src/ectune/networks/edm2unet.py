@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ectune.errors import ConfigError
-from ectune.networks._checks import check_counts
+from ectune.networks._checks import check_count_lists, check_counts
 from ectune.networks.dropout import SharedDropout
 from ectune.networks.songunet import _one_hot_labels
 
@@ -334,10 +334,12 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         check_counts(img_resolution=img_resolution, img_channels=img_channels, model_channels=model_channels,
-                     channel_mult=list(channel_mult), num_blocks=num_blocks, channels_per_head=channels_per_head,
+                     num_blocks=num_blocks, channels_per_head=channels_per_head,
                      **{k: v for k, v in [("channel_mult_noise", channel_mult_noise),
                                           ("channel_mult_emb", channel_mult_emb)] if v is not None})
-        check_counts(0, label_dim=label_dim, attn_resolutions=list(attn_resolutions))
+        check_counts(0, label_dim=label_dim)
+        check_count_lists(channel_mult=channel_mult)
+        check_count_lists(0, attn_resolutions=attn_resolutions)
         channel_mult = [int(m) for m in channel_mult]
         attn_resolutions = [int(r) for r in attn_resolutions]
         levels = len(channel_mult)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ectune.errors import ConfigError
-from ectune.networks._checks import check_counts
+from ectune.networks._checks import check_count_lists, check_counts
 from ectune.networks.dropout import SharedDropout
 
 __all__ = [
@@ -416,10 +416,13 @@ class SongUNet(nn.Module):
         _check_choice("embedding_type", embedding_type, ("positional", "fourier"))
         _check_choice("encoder_type", encoder_type, ("standard", "skip", "residual"))
         _check_choice("decoder_type", decoder_type, ("standard", "skip"))
+        label_dim, augment_dim = label_dim or 0, augment_dim or 0  # None = 0, as some recorded configs have it
         check_counts(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
-                     model_channels=model_channels, channel_mult=list(channel_mult), channel_mult_emb=channel_mult_emb,
-                     num_blocks=num_blocks, channel_mult_noise=channel_mult_noise)
-        check_counts(0, label_dim=label_dim, augment_dim=augment_dim, attn_resolutions=list(attn_resolutions))
+                     model_channels=model_channels, channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
+                     channel_mult_noise=channel_mult_noise)
+        check_counts(0, label_dim=label_dim, augment_dim=augment_dim)
+        check_count_lists(channel_mult=channel_mult)
+        check_count_lists(0, attn_resolutions=attn_resolutions)
         channel_mult = [int(m) for m in channel_mult]
         attn_resolutions = [int(r) for r in attn_resolutions]
         levels = len(channel_mult)
