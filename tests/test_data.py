@@ -190,6 +190,9 @@ def test_empty_folder_and_missing_path(tmp_path: Path) -> None:
     (tmp_path / "fake.npz").write_bytes(b"not an npz")  # np.load would speak of pickles and allow_pickle
     with raises_data_error("fake.npz is not an .npz (zip) archive"):
         load_dataset(str(tmp_path / "fake.npz"))
+    np.savez(tmp_path / "empty.npz")  # a zip, but an empty one
+    with raises_data_error("empty.npz must hold exactly one data array named 'x' or 'images', it holds []"):
+        load_dataset(str(tmp_path / "empty.npz"))
 
 
 def test_rgba_opaque_is_dropped_transparent_is_an_error(tmp_path: Path) -> None:
@@ -203,7 +206,7 @@ def test_rgba_opaque_is_dropped_transparent_is_an_error(tmp_path: Path) -> None:
     with raises_data_error("x.png", "transparent"):
         load_dataset("folder:" + str(tmp_path / "b"))
     # a grayscale or RGB PNG whose tRNS chunk makes one colour transparent is transparent too
-    for mode, black, white in [("L", 0, 255), ("RGB", (0, 0, 0), (255, 255, 255))]:
+    for mode, black, white in [("1", 0, 1), ("L", 0, 255), ("RGB", (0, 0, 0), (255, 255, 255))]:
         (tmp_path / mode).mkdir()
         Image.new(mode, (5, 6), black).save(tmp_path / mode / "x.png", transparency=black)
         with raises_data_error("x.png", "transparent"):

@@ -766,14 +766,14 @@ def _decode(raw: bytes, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im.load()
-            if im.mode == "P":
+            if im.mode in ("1", "L", "RGB") and "transparency" in im.info:  # a PNG tRNS colour: checked below
+                im = im.convert("RGBA" if im.mode == "RGB" else "LA")
+            elif im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             elif im.mode == "1":
                 im = im.convert("L")
             elif im.mode == "PA":
                 im = im.convert("RGBA")
-            elif im.mode in ("L", "RGB") and "transparency" in im.info:  # a PNG tRNS colour: check it below
-                im = im.convert("LA" if im.mode == "L" else "RGBA")
             if im.mode not in ("L", "LA", "RGB", "RGBA"):
                 raise DataError(
                     f"{where} has image mode {im.mode}: "
@@ -838,7 +838,7 @@ def _load_images(
 def _load_npz(name: str, file: Path, use_labels: bool, max_items: int | None, seed: int) -> ArrayDataset:
     try:
         with open(file, "rb") as fh:
-            is_zip = fh.read(4) == b"PK\x03\x04"
+            is_zip = fh.read(2) == b"PK"  # a zip's first record (PK\3\4, or PK\5\6 when empty)
     except OSError as exc:
         raise DataError(f"cannot read {file} ({exc.strerror}): check the path and its permissions") from None
     if not is_zip:  # np.load would try it as a pickle and talk of allow_pickle
