@@ -153,9 +153,9 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *
     if not isinstance(storage_offset, int) or storage_offset < 0 or len(size) != len(stride):
         raise CheckpointError("a tensor in the file has an invalid offset or stride: the file is damaged")
     numel = untyped.nbytes() // torch.empty((), dtype=dtype).element_size()
-    if math.prod(size) > numel:  # only overlapping views (e.g. stride 0) exceed their storage: the copy could be huge
-        raise CheckpointError(f"a tensor of size {list(size)} in the file views a storage of only {numel} elements "
-                              f"(an overlapping view, which network snapshots do not hold): the file is damaged")
+    if math.prod(size) > numel:  # checked first: with stride 0 a tiny file could make the copy below huge
+        raise CheckpointError(f"a tensor of size {list(size)} in the file needs more elements than the {numel} its "
+                              f"storage holds: the file is truncated or damaged")
     if math.prod(size) > 0:
         last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= numel:
