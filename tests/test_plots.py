@@ -105,13 +105,19 @@ def test_steps_plot_keeps_every_result(runs):
     (student / "eval" / "c.json").write_text(json.dumps(_results(str(student), "single", [_row("consistency", 1, 1, 21.0)])))
     series = step_series({"ect": read_results(student), "edm": read_results(teacher)}, "fid")
     assert series == {
-        "ect: consistency, N=1000, sweep (levels 0.821)": {1: 20.0, 2: 10.0},
+        "ect: consistency, N=1000, sweep": {1: 20.0, 2: 10.0},
         "ect: consistency, N=100": {2: 25.0},
         "ect: consistency, N=1000": {1: 21.0},
         "ect: consistency, N=1000, 2 NFE at 0.2": {2: 12.0},
         "ect: consistency, N=1000, 2 NFE at 5": {2: 9.0},
         "edm: heun, N=1000, sweep": {9: 30.0, 19: 12.0, 35: 8.0},
     }
+    (student / "eval" / "sweep2.json").write_text(json.dumps(_results(  # a second sweep, at another level
+        str(student), "steps_sweep", [_row("consistency", 1, 1, 20.0), _row("consistency", 2, 2, 14.0, [0.2])])))
+    lines = step_series({"ect": read_results(student)}, "fid")
+    assert lines["ect: consistency, N=1000, sweep (2-step level 0.821)"] == {1: 20.0, 2: 10.0}
+    assert lines["ect: consistency, N=1000, sweep (2-step level 0.2)"] == {1: 20.0, 2: 14.0}
+    (student / "eval" / "sweep2.json").unlink()
     (student / "eval" / "b.json").unlink()  # one 2-step single result left: it joins the 1-step one
     assert step_series({"ect": read_results(student)}, "fid")["ect: consistency, N=1000"] == {1: 21.0, 2: 12.0}
 
@@ -149,6 +155,10 @@ def test_plot_of_stats_only(tmp_path):
     run.mkdir()
     (run / "stats.jsonl").write_text(json.dumps({"nimg": 512, "loss": 0.3, "sw": 0.1}) + "\n")
     assert [p.name for p in plot_runs([run])] == ["training.png"]
+    bare = tmp_path / "bare"  # records with nothing to draw: no figure, and no empty plots/ folder left
+    bare.mkdir()
+    (bare / "stats.jsonl").write_text(json.dumps({"nimg": 5}) + "\n")
+    assert plot_runs([bare]) == [] and sorted(p.name for p in bare.iterdir()) == ["stats.jsonl"]
 
 
 def test_plot_bad_input_is_one_line_exit_2(tmp_path, capsys):
@@ -172,11 +182,14 @@ def test_plot_out_below_a_file_and_damaged_results(runs, tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "keep"
     damaged = [{k: v for k, v in _results(str(student), "single", [_row("consistency", 1, 1, 5.0)]).items()
                 if k != "num_images"},
-               _results(str(student), "search_mid", [_row("consistency", 2, 2, 5.0, [0.3])], best={"by": "fid"})]
+               _results(str(student), "search_mid", [_row("consistency", 2, 2, 5.0, [0.3])], best={"by": "fid"}),
+               _results(str(student), "search_mid", [_row("consistency", 2, 2, 5.0, [0.3])],
+                        best={"by": ["fid"], "mid_sigma": 0.3, "fid": 5.0}),
+               _results(str(student), "single", [{"nfe": 1, "fid": 5.0}])]  # a row without its method
     for i, d in enumerate(damaged):
         (student / "eval" / f"damaged{i}.json").write_text(json.dumps(d))
     assert main(["plot", str(student), "--out", str(tmp_path / "figs")]) == 0
     err = capsys.readouterr().err
-    assert err.count("fields missing or damaged") == 2
+    assert err.count("fields missing or damaged") == 4
     assert len(read_results(student)) == 3  # the fixture's three valid results, and nothing else
 

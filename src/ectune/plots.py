@@ -65,14 +65,23 @@ def read_results(run_dir: Path) -> list[dict[str, Any]]:
         if not isinstance(data, dict) or data.get("format") != "ectune-eval" or not isinstance(data.get("results"), list):
             _warn(f"skipping {path}: not an ectune eval results file")
             continue
-        best = data.get("best")
-        if (not isinstance(data.get("num_images"), int) or not all(isinstance(r, dict) for r in data["results"])
-                or (best is not None and not (isinstance(best, dict) and isinstance(best.get("mid_sigma"), (int, float))
-                                              and isinstance(best.get(best.get("by")), (int, float))))):
+        if not _well_formed(data):
             _warn(f"skipping {path}: an ectune eval results file with fields missing or damaged")
             continue
         out.append(data)
     return out
+
+
+def _well_formed(data: dict[str, Any]) -> bool:
+    """Whether an ectune-eval results object has the fields the plots read, of the right types."""
+    number = (int, float)
+    rows_ok = all(isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get("sigmas", []), list)
+                  and all(isinstance(x, number) for x in r.get("sigmas", [])) for r in data["results"])
+    best = data.get("best")
+    best_ok = best is None or (isinstance(best, dict) and isinstance(best.get("by"), str)
+                               and isinstance(best.get("mid_sigma"), number) and isinstance(best.get(best["by"]), number))
+    parts_ok = all(isinstance(data.get(k), (dict, type(None))) for k in ("encoder", "data"))
+    return isinstance(data.get("num_images"), int) and rows_ok and best_ok and parts_ok
 
 
 def teacher_run(run_dir: Path) -> Path | None:
@@ -191,14 +200,18 @@ def step_series(results: dict[str, list[dict[str, Any]]], metric: str) -> dict[s
                 labels[key] = f"{label}: {row['method']}, N={res['num_images']}"
                 levels = tuple(row.get("sigmas") or ())
                 if res["mode"] == "steps_sweep":
-                    sweep = tuple(tuple(r.get("sigmas") or ()) for r in rows)
+                    sweep = tuple((r["nfe"], tuple(r.get("sigmas") or ())) for r in rows)
                     sweeps.setdefault((*key, sweep), {})[row["nfe"]] = row[metric]
                 else:
                     singles.setdefault(key, {}).setdefault(row["nfe"], {})[levels] = row[metric]
     out: dict[str, dict[int, float]] = {}
     for (*key, sweep), points in sweeps.items():
-        shown = [_levels(s) for s in sweep if s]
-        out[labels[tuple(key)] + (f", sweep (levels {'; '.join(shown)})" if shown else ", sweep")] = points
+        others = [sw for (*k, sw) in sweeps if k == key]
+        name = labels[tuple(key)] + ", sweep"
+        if len(others) > 1:  # sweeps of one model at other levels: told apart by the 2-step level, else a number
+            two = dict(sweep).get(2)
+            name += f" (2-step level {_levels(two)})" if two else f" #{others.index(sweep) + 1}"
+        out[name] = points
     for key, by_nfe in singles.items():
         line = {n: next(iter(v.values())) for n, v in by_nfe.items() if len(v) == 1}
         if line:
@@ -264,9 +277,11 @@ def plot_mid(results: dict[str, list[dict[str, Any]]], path: Path) -> bool:
 
 
 def latest_preview(run_dir: Path) -> Path | None:
-    """The newest samples/preview-*.png of a run (names sort by images seen)."""
-    previews = sorted((run_dir / "samples").glob("preview-*.png")) if (run_dir / "samples").is_dir() else []
-    return previews[-1] if previews else None
+    """The newest samples/preview-*.png of a run, by the images seen its name gives."""
+    from ectune.preview import preview_nimg
+
+    found = [(n, p) for p in (run_dir / "samples").glob("preview-*.png") if (n := preview_nimg(p.name)) is not None]
+    return max(found)[1] if found else None
 
 
 def compose_samples(previews: dict[str, Path], path: Path) -> bool:
@@ -313,6 +328,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
     folder = Path(out) if out is not None else runs[0] / "plots"
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file: pass a folder for the PNGs")
+    existed = folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -325,6 +341,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> 
     previews = {labels[r]: p for r in runs if (p := latest_preview(r)) is not None}
     if compose_samples(previews, folder / "samples.png"):
         written.append(folder / "samples.png")
+    if not written and not existed:
+        folder.rmdir()  # nothing to draw: leave no empty folder behind
     return written
 
 
