@@ -228,3 +228,6 @@ def test_preview_and_metrics_a_kill_skipped_are_written_on_resume(tmp_path):
     final.unlink()
     train(C.TrainConfig(), resume=str(part.run_dir), progress=False)
     assert final.is_file() and stats_lines(part.run_dir) == stats_lines(full.run_dir)
+    final.rename(final.with_name("preview-000002kimg.png"))  # as runs before the exact names called it
+    train(C.TrainConfig(), resume=str(part.run_dir), progress=False)
+    assert not final.exists()  # the preview is there under its old name: not written again

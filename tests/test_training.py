@@ -18,7 +18,7 @@ from ectune import config as C
 from ectune.checkpoint import list_states, load_model, load_state
 from ectune.errors import UserError
 from ectune.plots import latest_preview
-from ectune.preview import preview_name
+from ectune.preview import legacy_preview_name, preview_name, preview_nimg
 from ectune.training import step_seed, train
 
 TINY_MLP = {"dim": 2, "hidden_dim": 32, "num_blocks": 1, "dropout": 0.0}
@@ -53,6 +53,11 @@ def test_previews_more_often_than_every_1000_images_each_keep_their_own_file(tmp
     assert names == [preview_name(n) for n in (128, 256, 384, 512)]
     assert latest_preview(run).name == preview_name(512) == "preview-000000.512kimg.png"
     assert preview_name(28_800) == "preview-000028.800kimg.png"
+    assert [preview_nimg(n) for n in (preview_name(28_800), legacy_preview_name(28_800), "notes.png")] == [28_800,
+                                                                                                         28_000, None]
+    # runs written before the exact names: the newest is found by images seen, not by sorting the names
+    (run / "samples" / preview_name(512)).rename(run / "samples" / legacy_preview_name(1000))
+    assert latest_preview(run).name == legacy_preview_name(1000)
 
 
 def test_run_folder_contents(tmp_path):

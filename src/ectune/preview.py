@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +18,20 @@ def preview_name(nimg: int) -> str:
     """The file name of the preview at ``nimg`` images seen, exact to the image, e.g.
     ``preview-000028.800kimg.png``: names of one run sort by images seen."""
     return f"preview-{nimg // 1000:06d}.{nimg % 1000:03d}kimg.png"
+
+
+def legacy_preview_name(nimg: int) -> str:
+    """The name runs written before 2026-12-02 gave that preview (thousands only: preview-000028kimg.png)."""
+    return f"preview-{nimg // 1000:06d}kimg.png"
+
+
+_PREVIEW = re.compile(r"preview-(\d+)(?:\.(\d{3}))?kimg\.png")
+
+
+def preview_nimg(name: str) -> int | None:
+    """Images seen of a preview file name (a legacy name gives its thousands), None for another file."""
+    m = _PREVIEW.fullmatch(name)
+    return int(m[1]) * 1000 + int(m[2] or 0) if m else None
 
 
 def generate(denoiser: Denoiser, info: ModelInfo, *, method: str, steps: int, seeds: list[int], sigmas=None,

@@ -370,12 +370,13 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     def outputs(at: int, missing_only: bool = False) -> None:
         """The preview and training-time metrics due once ``at`` images are seen (``missing_only``: those
         a kill between the training state and them left unwritten)."""
-        from ectune.preview import preview_name, write_preview
+        from ectune.preview import legacy_preview_name, preview_name, write_preview
 
         final = at >= cfg.total_nimg
         preview = run_dir / "samples" / preview_name(at)
+        written = preview.exists() or (run_dir / "samples" / legacy_preview_name(at)).exists()  # older runs' name
         if ((cfg.preview_every_nimg > 0 and at % cfg.preview_every_nimg < cfg.batch) or final) and not (
-                missing_only and preview.exists()):
+                missing_only and written):
             write_preview(preview, ema.nets()[export_name], info, cfg.preview, device)
         if cfg.eval_every_nimg > 0 and (at % cfg.eval_every_nimg < cfg.batch or final) and not (
                 missing_only and _eval_logged(run_dir / "stats.jsonl", at)):
