@@ -39,7 +39,7 @@ def fail(message: str) -> None:
 def measure(run_dir: Path, num_images: int, out: Path, **report_kw) -> dict:
     """Write the run's report at ``num_images`` into ``out`` and return its results object."""
     saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    if not isinstance(saved, dict) or saved.get("method") != "ect" or not saved.get("teacher"):
+    if not isinstance(saved, dict) or saved.get("method") != "ect" or not isinstance(saved.get("teacher"), str):
         fail(f"{run_dir} is not an `ectune tune` run (its config.json names no ECT teacher): pass the folder of one")
     if num_images < 2:
         fail(f"--num_images must be at least 2, got {num_images}")

@@ -49,7 +49,9 @@ def ship(n: int, features_dir: Path = SHIPPED_FEATURES, teacher_folder: Path | N
     ref_npz, ref_json = cache_paths(features_dir, ref.provenance["dataset_id"], evaluator.encoder.name, n)
     write_entry(ref_npz, ref_json, {"features": ref.features.astype(np.float16)}, {k: ref.provenance[k] for k in keys})
     teacher_npz, teacher_json = places[0]
-    save_teacher_row(teacher_npz, teacher_json, expected, cfg.teacher, images, features)
+    save_teacher_row(teacher_npz, teacher_json, expected, cfg.teacher, images, features)  # logs a failure
+    if not teacher_npz.is_file():
+        raise SystemExit(f"error: could not write {teacher_npz} (see the warning above): make its folder writable")
     return [ref_npz, teacher_npz]
 
 

@@ -214,7 +214,8 @@ def run_relative_path(run_dir: str | os.PathLike, recorded_run_dir: str | None, 
     ``run_dir`` without the recorded run_dir's parts, and ``path`` is taken from there; otherwise
     ``path`` comes back unchanged (``builtin:`` names and absolute paths always do).
     """
-    if path.startswith(BUILTIN_PREFIX) or Path(path).is_absolute() or Path(path).exists() or not recorded_run_dir:
+    if (path.startswith(BUILTIN_PREFIX) or Path(path).is_absolute() or Path(path).exists()
+            or not isinstance(recorded_run_dir, str) or not recorded_run_dir):
         return path
     recorded, here = Path(recorded_run_dir), Path(run_dir).absolute()
     parts = recorded.parts
