@@ -192,4 +192,8 @@ def test_plot_out_below_a_file_and_damaged_results(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("fields missing or damaged") == 4
     assert len(read_results(student)) == 3  # the fixture's three valid results, and nothing else
+    folder_eval = _results("samples/", "single", [{"method": None, "steps": None, "nfe": None, "sigmas": [], "fid": 3.0}])
+    (student / "eval" / "folder.json").write_text(json.dumps({**folder_eval, "source_kind": "images"}))
+    assert len(read_results(student)) == 4  # `ectune eval` of an image folder (method None) is read, not warned of
+    assert "folder.json" not in capsys.readouterr().err
 

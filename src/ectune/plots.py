@@ -75,7 +75,8 @@ def read_results(run_dir: Path) -> list[dict[str, Any]]:
 def _well_formed(data: dict[str, Any]) -> bool:
     """Whether an ectune-eval results object has the fields the plots read, of the right types."""
     number = (int, float)
-    rows_ok = all(isinstance(r, dict) and isinstance(r.get("method"), str) and isinstance(r.get("sigmas", []), list)
+    rows_ok = all(isinstance(r, dict) and isinstance(r.get("method", 0), (str, type(None)))  # None: an image folder's
+                  and isinstance(r.get("sigmas", []), list)
                   and all(isinstance(x, number) for x in r.get("sigmas", [])) for r in data["results"])
     best = data.get("best")
     best_ok = best is None or (isinstance(best, dict) and isinstance(best.get("by"), str)
