@@ -102,7 +102,8 @@ def test_steps_plot_keeps_every_result(runs):
     for name, level, fid in [("a.json", 0.2, 12.0), ("b.json", 5.0, 9.0)]:
         (student / "eval" / name).write_text(json.dumps(_results(
             str(student), "single", [_row("consistency", 2, 2, fid, [level])])))
-    (student / "eval" / "c.json").write_text(json.dumps(_results(str(student), "single", [_row("consistency", 1, 1, 21.0)])))
+    (student / "eval" / "c.json").write_text(json.dumps(_results(
+        str(student), "single", [_row("consistency", 1, 1, 21.0)])))
     series = step_series({"ect": read_results(student), "edm": read_results(teacher)}, "fid")
     assert series == {
         "ect: consistency, N=1000, sweep": {1: 20.0, 2: 10.0},
@@ -192,7 +193,8 @@ def test_plot_out_below_a_file_and_damaged_results(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("fields missing or damaged") == 4
     assert len(read_results(student)) == 3  # the fixture's three valid results, and nothing else
-    folder_eval = _results("samples/", "single", [{"method": None, "steps": None, "nfe": None, "sigmas": [], "fid": 3.0}])
+    folder_eval = _results("samples/", "single",
+                           [{"method": None, "steps": None, "nfe": None, "sigmas": [], "fid": 3.0}])
     (student / "eval" / "folder.json").write_text(json.dumps({**folder_eval, "source_kind": "images"}))
     assert len(read_results(student)) == 4  # `ectune eval` of an image folder (method None) is read, not warned of
     assert "folder.json" not in capsys.readouterr().err

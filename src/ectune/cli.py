@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, method in TRAIN_COMMANDS.items():
+        what = TRAIN_HELP[name][:1].upper() + TRAIN_HELP[name][1:]
         p = sub.add_parser(name, help=TRAIN_HELP[name], formatter_class=_HelpFormatter,
-                           description=f"{TRAIN_HELP[name][:1].upper()}{TRAIN_HELP[name][1:]}. The defaults shown are the mnist preset's; "
+                           description=f"{what}. The defaults shown are the mnist preset's; "
                                        f"`ectune {name} --preset NAME --dry-run` prints another preset's config.")
         p.add_argument("--preset", default="mnist", help=f"named preset: {', '.join(C.PRESETS)}")
         p.add_argument("--config", help="JSON config file applied on top of the preset")

@@ -80,7 +80,8 @@ def _well_formed(data: dict[str, Any]) -> bool:
                   and all(isinstance(x, number) for x in r.get("sigmas", [])) for r in data["results"])
     best = data.get("best")
     best_ok = best is None or (isinstance(best, dict) and isinstance(best.get("by"), str)
-                               and isinstance(best.get("mid_sigma"), number) and isinstance(best.get(best["by"]), number))
+                               and isinstance(best.get("mid_sigma"), number)
+                               and isinstance(best.get(best["by"]), number))
     parts_ok = all(isinstance(data.get(k), (dict, type(None))) for k in ("encoder", "data"))
     return isinstance(data.get("num_images"), int) and rows_ok and best_ok and parts_ok
 
@@ -194,8 +195,8 @@ def step_series(results: dict[str, list[dict[str, Any]]], metric: str) -> dict[s
     labels: dict[tuple, str] = {}
     for label, rs in results.items():
         for res in filter(_steps_result, rs):
-            rows = [r for r in res["results"] if isinstance(r.get(metric), (int, float)) and isinstance(r.get("nfe"), int)
-                    and math.isfinite(r[metric])]
+            rows = [r for r in res["results"] if isinstance(r.get(metric), (int, float))
+                    and isinstance(r.get("nfe"), int) and math.isfinite(r[metric])]
             for row in rows:
                 key = (label, *_series_key(res, row))
                 labels[key] = f"{label}: {row['method']}, N={res['num_images']}"
