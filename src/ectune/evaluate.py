@@ -46,8 +46,8 @@ from ectune.checkpoint import BUILTIN_PREFIX, ModelInfo, load_model, resolve_mod
 from ectune.config import EvalConfig, SampleConfig, TrainConfig
 from ectune.data import TOY_DATASETS, ArrayDataset, load_dataset, sample_toy
 from ectune.errors import ConfigError, DataError, UserError
-from ectune.metrics import (IMAGE_METRICS, POINT_METRICS, Encoder, compute_metrics, get_encoder, mmd_rbf, reference_stats,
-                            sliced_wasserstein)
+from ectune.metrics import (IMAGE_METRICS, POINT_METRICS, Encoder, compute_metrics, get_encoder, mmd_rbf,
+                            reference_stats, sliced_wasserstein)
 from ectune.precond import Denoiser
 from ectune.sampling import SIGMA_MAX, consistency_levels, nfe, seed_labels, to_uint8
 
