@@ -220,6 +220,34 @@ def test_dropout_res_limits_dropout_to_low_resolutions():
     assert {p for n, p in probs.items() if not n.startswith("16x16")} == {0.4}
 
 
+def test_tuning_an_edm2_teacher_with_the_imagenet_preset_drops_out_at_16x16_and_below(tmp_path):
+    """ECT ImageNet 64 uses dropout 0.4 only at resolutions <= 16 (DESIGN.md). A converted EDM2 teacher
+    records no dropout_res; the preset's network kwargs lay it over the teacher's options (a review
+    found dropout at every resolution, and --network.kwargs ignored when tuning)."""
+    import dataclasses
+
+    from ectune import config as C
+    from ectune.checkpoint import ModelInfo, save_model
+    from ectune.data import ArrayDataset
+    from ectune.errors import CheckpointError
+    from ectune.training import network_info
+
+    kw = {**TINY, "img_resolution": 32}  # levels 32, 16, 8
+    save_model(tmp_path / "teacher", EDM2UNet(**kw), ModelInfo("edm2unet", kw, 0.5, "edm", 0.002, "edm", (3, 32, 32),
+                                                               5, 1.526, {}))
+    cfg = dataclasses.replace(C.preset("imagenet64-s", "ect"), teacher=str(tmp_path / "teacher"))
+    data = ArrayDataset("imagenet64", torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), 5)
+    net, info, _ = network_info(cfg, data)
+    probs = {name: block.drop.p for name, block in [*net.unet.enc.items(), *net.unet.dec.items()]
+             if hasattr(block, "drop")}
+    assert info.kwargs["dropout_res"] == 16 and info.kwargs["dropout"] == 0.4
+    assert {p for n, p in probs.items() if n.startswith("32x32")} == {0.0}
+    assert {p for n, p in probs.items() if not n.startswith("32x32")} == {0.4}
+    wider = dataclasses.replace(cfg, network=dataclasses.replace(cfg.network, kwargs={"model_channels": 32}))
+    with pytest.raises(CheckpointError, match="cannot be overridden"):  # options that change the weights
+        network_info(wider, data)
+
+
 # ----------------------------------------------------------------------------------------------
 # Shapes and interface
 

@@ -233,8 +233,8 @@ def save_model(folder: str | os.PathLike, net: nn.Module, info: ModelInfo) -> No
     write_text_atomic(folder / "config.json", json.dumps(info.to_json(), indent=2))
 
 
-def build_from_info(info: ModelInfo, *, dropout: float | None = None) -> nn.Module:
-    kwargs = dict(info.kwargs)
+def build_from_info(info: ModelInfo, *, dropout: float | None = None, overrides: dict | None = None) -> nn.Module:
+    kwargs = {**info.kwargs, **(overrides or {})}
     if dropout is not None:
         kwargs["dropout"] = dropout
     return build_network(info.network, **kwargs)
@@ -246,15 +246,16 @@ def _mismatch(e: RuntimeError) -> str:
     return (lines[1] if len(lines) > 1 else lines[0]).strip()
 
 
-def load_model(path: str | os.PathLike, *, dropout: float | None = None,
+def load_model(path: str | os.PathLike, *, dropout: float | None = None, overrides: dict | None = None,
                device: torch.device | str = "cpu") -> tuple[Denoiser, ModelInfo]:
-    """Rebuild a denoiser from a model folder (or run folder). ``dropout`` overrides the stored value."""
+    """Rebuild a denoiser from a model folder (or run folder). ``dropout`` overrides the stored value, and
+    ``overrides`` other network options (e.g. EDM2's ``dropout_res``); the weights must still fit."""
     folder = resolve_model_folder(path)
     info = _read_model_info(folder)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{folder} has no model.safetensors: the model folder is incomplete")
-    net = build_from_info(info, dropout=dropout)
+    net = build_from_info(info, dropout=dropout, overrides=overrides)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
@@ -262,7 +263,10 @@ def load_model(path: str | os.PathLike, *, dropout: float | None = None,
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{weights} does not match the network in config.json ({_mismatch(e)})") from None
+        changed = f" with the options {overrides} changed" if overrides else ""
+        raise CheckpointError(f"{weights} does not match the network in config.json{changed} ({_mismatch(e)})"
+                              + (": network options that change the architecture cannot be overridden" if changed
+                                 else "")) from None
     denoiser = Denoiser(net, sigma_data=info.sigma_data, scalings=info.scalings, sigma_min=info.sigma_min)
     return denoiser.to(device).eval(), info
 

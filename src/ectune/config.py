@@ -48,7 +48,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class NetworkConfig:
     name: str = opt("songunet", "backbone: songunet or mlp")
-    kwargs: dict = opt({}, "constructor arguments of the backbone (EDM's names for songunet)")
+    kwargs: dict = opt({}, "constructor arguments of the backbone (EDM's names for songunet); for tune, laid over "
+                           "the teacher's (options that keep its weights, e.g. dropout_res)")
     dropout: float | None = opt(None, "dropout probability; overrides kwargs and a teacher's value when set")
 
 
@@ -279,7 +280,8 @@ def _imagenet64_s(method: str) -> TrainConfig:
         raise ConfigError("preset imagenet64-s is defined for `ectune tune` only: pretrain with EDM2's code and convert")
     return TrainConfig(method="ect", preset="imagenet64-s", data=DataConfig(name="imagenet64", path="datasets/imagenet-64x64.zip",
                                                                           use_labels=True),
-                       network=NetworkConfig(dropout=0.4), batch=128, total_nimg=12_800_000,
+                       network=NetworkConfig(name="edm2unet", kwargs={"dropout_res": 16}, dropout=0.4), batch=128,
+                       total_nimg=12_800_000,
                        ect=ECTLoss(P_mean=-0.8, P_std=1.6, q=4.0, k=8.0, b=1.0, mapping="sigmoid", stage_nimg=3_200_000,
                                    distance="huber", c=0.06, weighting="edm"),
                        precond=PrecondConfig(train_scalings="edm", sample_scalings="edm"),

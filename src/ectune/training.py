@@ -126,7 +126,8 @@ def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, Model
     """
     shape = tuple(data.shape)
     if cfg.method == "ect":
-        teacher, tinfo = load_model(cfg.teacher, dropout=cfg.network.dropout)
+        # the teacher's architecture, with --network.kwargs on top for options that keep its weights (dropout_res)
+        teacher, tinfo = load_model(cfg.teacher, dropout=cfg.network.dropout, overrides=cfg.network.kwargs)
         if tinfo.data_shape != shape:
             raise DataError(f"the teacher {cfg.teacher} was trained on data of shape {list(tinfo.data_shape)} but "
                             f"{cfg.data.name} has shape {list(shape)}: tune on the teacher's dataset")
@@ -134,7 +135,7 @@ def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, Model
             raise DataError(f"the teacher has {tinfo.label_dim} classes but the data has {data.label_dim}: "
                             f"set --data.use_labels to match the teacher")
         net = teacher.net
-        kwargs = dict(tinfo.kwargs)
+        kwargs = {**tinfo.kwargs, **cfg.network.kwargs}
         if cfg.network.dropout is not None:
             kwargs["dropout"] = cfg.network.dropout
         name = tinfo.network
