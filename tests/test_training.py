@@ -211,6 +211,21 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert any(not torch.allclose(w1[k], weights(init.model_dir)[k]) for k in w1)
 
 
+@pytest.mark.slow
+def test_ddp_trains_a_network_with_an_unused_augmentation_embedding(tmp_path):
+    """EDM's CIFAR-10 networks have augment_dim 9, and no augmentation labels are fed: DDP stopped at the
+    second step waiting for map_augment's gradient (a review found it). It is frozen, and kept as is."""
+    cfg = _digits_cfg(tmp_path, "ddp", batch_gpu=8, total_nimg=48,
+                      **{"network.kwargs.augment_dim": 9, "optim.warmup_nimg": 0, "ema.beta": 0.5})
+    out = tmp_path / "ddp_out.txt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), C.to_json(cfg), str(out)), nprocs=2, join=True)
+    trained, init = weights(Path(out.read_text())), weights(train(dataclasses.replace(
+        cfg, run_dir=str(tmp_path / "init"), total_nimg=16), progress=False).model_dir)
+    assert trained["map_augment.weight"].shape == (8, 9)
+    assert torch.equal(trained["map_augment.weight"], init["map_augment.weight"])
+    assert not torch.equal(trained["map_layer0.weight"], init["map_layer0.weight"])
+
+
 TINY_UNET = {"img_resolution": 8, "in_channels": 1, "out_channels": 1, "model_channels": 8, "channel_mult": [1, 2],
              "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.1}
 

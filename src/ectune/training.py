@@ -315,8 +315,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     fmt = torch.channels_last if cfg.channels_last and len(data.shape) == 3 else torch.preserve_format
     net.to(device, memory_format=fmt).train()
     for pname, p in net.named_parameters():
-        if pname.startswith("logvar_"):
-            p.requires_grad_(False)  # EDM2's uncertainty head is not used by D(x, sigma): keep it out of DDP
+        # Parameters no training forward uses, kept out of DDP (which waits for their gradients) and the
+        # optimiser: EDM2's uncertainty head (D(x, sigma) ignores it), and EDM's augmentation embedding
+        # (ectune feeds no augmentation labels; EDM's published CIFAR-10 networks carry augment_dim 9).
+        if pname.startswith(("logvar_", "map_augment.")):
+            p.requires_grad_(False)
     denoiser = Denoiser(net, sigma_data=cfg.precond.sigma_data, scalings=cfg.precond.train_scalings,
                         sigma_min=cfg.precond.sigma_min)
     ema = build_ema(cfg, net)  # copies of the network, already on the device
