@@ -455,6 +455,28 @@ def test_training_metrics_on_images_with_an_injected_evaluator(tmp_path, image_m
     assert again["fid"] == values["fid"]  # same seeds at every evaluation
 
 
+def test_a_diverged_image_model_gets_no_finite_score(tmp_path, image_model):
+    """NaN samples were turned into black pixels by to_uint8 and scored a large but finite FID (a review
+    found it): training-time metrics log NaN, and the report / `ectune eval` stop with one line."""
+    from ectune.checkpoint import load_model
+    from ectune.config import TrainConfig
+    from ectune.errors import DataError
+    from ectune.report import sample_setting
+
+    denoiser, info = load_model(image_model)
+    with torch.no_grad():
+        for p in denoiser.net.parameters():
+            p.fill_(float("nan"))
+    real = _npz(tmp_path / "real.npz", x=_digits_like(64))
+    ev = E.build_evaluator(str(real), None, "train", 64, info.data_shape, "fid,kid", encoder=ProjectionEncoder(),
+                           cache_dir=tmp_path / "cache")
+    cfg = dataclasses.replace(TrainConfig(), batch=32, eval_num_images=64)
+    values = E.training_metrics(denoiser.net, info, cfg, torch.device("cpu"), evaluator=ev)
+    assert math.isnan(values["fid"]) and math.isnan(values["kid"])
+    with pytest.raises(DataError, match="NaN or inf: the model has diverged"):
+        sample_setting(denoiser, info, {"method": "consistency", "steps": 1}, 4)
+
+
 def test_training_time_fid_on_images_through_the_loop(tmp_path, monkeypatch):
     """The training hook on image data: the encoder is replaced by the stand-in, the rest is real."""
     monkeypatch.setattr(E, "get_encoder", lambda *args, **kwargs: ProjectionEncoder())

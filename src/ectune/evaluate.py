@@ -49,7 +49,7 @@ from ectune.errors import ConfigError, DataError, UserError
 from ectune.metrics import (IMAGE_METRICS, POINT_METRICS, Encoder, compute_metrics, get_encoder, mmd_rbf,
                             reference_stats, sliced_wasserstein)
 from ectune.precond import Denoiser
-from ectune.sampling import SIGMA_MAX, consistency_levels, nfe, seed_labels, to_uint8
+from ectune.sampling import SIGMA_MAX, check_finite, consistency_levels, nfe, seed_labels, to_uint8
 
 RESULTS_FORMAT = "ectune-eval"
 RESULTS_SCHEMA_VERSION = 1
@@ -286,6 +286,7 @@ def sample_model(model: str, setting: Setting, cfg: EvalConfig, num_images: int,
         for start in range(0, num_images, chunk):
             count = min(chunk, num_images - start)
             x, _ = sample_images(dataclasses.replace(base, seed=cfg.seed + start, num_images=count))
+            check_finite(x)
             parts.append(to_uint8(x) if x.ndim == 4 else x.float())
             bar.update(count)
     seconds = time.perf_counter() - t0
@@ -575,14 +576,15 @@ def training_metrics(net: nn.Module, info: ModelInfo, cfg: TrainConfig, device: 
         kw = dict(method="consistency", steps=2, sigmas=[cfg.preview.mid_sigma])
     n = cfg.eval_num_images
     batch = cfg.batch_gpu or cfg.batch
-    parts = []
+    parts, finite = [], True
     for start in range(0, n, batch):
         seeds = list(range(start, min(start + batch, n)))
         labels = seed_labels(seeds, info.label_dim, device)
         x = generate(denoiser, info, seeds=seeds, labels=labels, device=device, **kw).cpu()
+        finite = finite and bool(torch.isfinite(x).all())
         parts.append(to_uint8(x) if is_image else x.float())
     samples = torch.cat(parts)
-    if not is_image and not torch.isfinite(samples).all():
+    if not finite:  # diverged: NaN metrics in the log rather than a stopped run (or black images' finite FID)
         values = {m: float("nan") for m in evaluator.metrics}
     else:
         values = evaluator(samples)

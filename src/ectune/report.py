@@ -19,7 +19,7 @@ from ectune.images import grid, save_png, save_scatter, side_by_side
 from ectune.metrics.encoders import sha256_file
 from ectune.metrics.store import features_agree, read_entry, write_entry
 from ectune.preview import generate
-from ectune.sampling import seed_labels, to_uint8
+from ectune.sampling import check_finite, seed_labels, to_uint8
 
 GRID_IMAGES = 64
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def sample_setting(denoiser, minfo, s: dict[str, Any], n: int, *, batch: int = 2
         seeds = list(range(i, min(i + batch, n)))
         parts.append(generate(denoiser, minfo, method=s["method"], steps=s["steps"], sigmas=s.get("sigmas"),
                               seeds=seeds, labels=seed_labels(seeds, minfo.label_dim, device), device=device))
-    x = torch.cat(parts).cpu()
+    x = check_finite(torch.cat(parts).cpu())
     return to_uint8(x) if x.ndim == 4 else x.float()
 
 

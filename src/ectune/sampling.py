@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ectune import schedules
-from ectune.errors import ConfigError
+from ectune.errors import ConfigError, DataError
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -126,6 +126,15 @@ def edm_sample(denoiser: DenoiseFn, noise: PerImageNoise, num_steps: int = 18, *
 def nfe(method: str, steps: int) -> int:
     """Network evaluations per image: consistency = steps, heun = 2 steps - 1, euler = steps."""
     return {"consistency": steps, "heun": 2 * steps - 1, "euler": steps}[method]
+
+
+def check_finite(x: torch.Tensor, what: str = "samples") -> torch.Tensor:
+    """``x`` itself, if every value is finite; a DataError otherwise (to_uint8 would turn NaN into black
+    pixels, and a diverged model would get a finite FID)."""
+    if not torch.isfinite(x).all():
+        raise DataError(f"the model's {what} contain NaN or inf: the model has diverged (retrain it, e.g. with a "
+                        f"lower learning rate)")
+    return x
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
