@@ -208,6 +208,15 @@ def test_eval_of_2d_models_writes_results_into_the_run(toy_runs, capsys):
     assert res["metrics"] == ["sw", "mmd"] and res["encoder"] is None and res["data"]["truth"] is True
     assert [r["nfe"] for r in res["results"]] == [1, 2] and all(r["sw"] > 0 for r in res["results"])
     assert Path(res["out"]).parent == student / "eval" and Path(res["out"]).is_file()
+    # results that differ only in a sampling option get files of their own, which say the option
+    outs = []
+    for extra in ([], ["--renoise", "ict"], ["--seed", "7"]):
+        assert main(["eval", str(student), "--num-images", "300", "--steps", "2", "--sigmas", "0.5", "--no-progress",
+                     "--json", *extra]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert len({r["out"] for r in outs}) == 3 and [(r["renoise"], r["seed"]) for r in outs] == [
+        ("ect", 0), ("ict", 0), ("ect", 7)]
+    assert "renoise_ict" in outs[1]["out"] and "seed7" in outs[2]["out"]
     assert main(["eval", str(teacher), "--num-images", "500", "--steps", "6", "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "heun" in table and "11" in table and "sw" in table and "results:" in table

@@ -375,6 +375,15 @@ def results_name(results: dict[str, Any]) -> str:
         what = f"{r['method']}-{r['steps']}steps"
         if r["method"] == "consistency" and r["steps"] > 1:
             what += "-" + "_".join(f"{s:g}" for s in r["sigmas"])
+    # sampling options away from their defaults, so that results differing only in them do not overwrite
+    if results.get("renoise", "ect") != "ect":
+        what += f"-renoise_{results['renoise']}"
+    if results.get("S_churn"):
+        what += f"-churn{results['S_churn']:g}"
+    if results.get("class_label") is not None:
+        what += f"-class{results['class_label']}"
+    if results.get("seed"):
+        what += f"-seed{results['seed']}"
     enc = results["encoder"]["name"] if results["encoder"] else "points"
     return f"{what}-{results['data']['id']}-{enc}-n{results['num_images']}.json"
 
@@ -476,7 +485,8 @@ def evaluate(cfg: EvalConfig, *, encoder: Encoder | None = None, progress: bool 
         "data": evaluator.info,
         "encoder": ({"name": evaluator.encoder.name, "file_hash": evaluator.encoder.file_hash}
                     if evaluator.encoder is not None else None),
-        "num_images": n_gen, "seed": cfg.seed, "mode": mode,
+        "num_images": n_gen, "seed": cfg.seed, "class_label": cfg.class_label, "renoise": cfg.renoise,
+        "S_churn": cfg.S_churn, "mode": mode,
         "metrics": [metric_key(m, evaluator.encoder.name if evaluator.encoder else None) for m in evaluator.metrics],
         "results": rows,
     }
