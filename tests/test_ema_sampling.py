@@ -327,6 +327,18 @@ def test_edm_sampler_network_evaluations(solver, steps):
     assert all(bool((s > 0).all()) for s in rec.sigmas)  # never evaluated at sigma = 0
 
 
+def test_churn_adds_the_noise_that_lifts_the_level_to_t_hat():
+    """EDM Algorithm 2: x_hat = x + sqrt(t_hat^2 - t^2) S_noise eps. With D(x) = x and one step the sample
+    is x_hat itself (d = 0), so its std is sqrt(80^2 + S_noise^2 (t_hat^2 - 80^2)), t_hat = sqrt(2) 80
+    (gamma = min(S_churn / 1, sqrt2 - 1)); outside [S_min, S_max] it stays 80."""
+    identity = lambda x, s: x  # noqa: E731
+    for S_noise in (1.0, 0.5):
+        x = sampling.edm_sample(identity, sampling.PerImageNoise([0], (200_000,)), 1, S_churn=1.0, S_noise=S_noise)
+        assert x.std().item() == pytest.approx(math.sqrt(80 ** 2 + S_noise ** 2 * 80 ** 2), rel=0.01)
+    x = sampling.edm_sample(identity, sampling.PerImageNoise([0], (200_000,)), 1, S_churn=1.0, S_max=50.0)
+    assert x.std().item() == pytest.approx(80.0, rel=0.01)
+
+
 def test_edm_sampler_with_churn_runs_and_differs():
     noise = lambda: sampling.PerImageNoise(range(6), (4,))  # noqa: E731
     plain = sampling.edm_sample(rowwise_denoiser, noise(), 10)

@@ -464,6 +464,30 @@ def test_training_metrics_on_images_with_an_injected_evaluator(tmp_path, image_m
     assert again["fid"] == values["fid"]  # same seeds at every evaluation
 
 
+def test_training_metrics_sample_like_the_preview(tmp_path, image_model, monkeypatch):
+    """Consistency models are scored at 2 steps and preview.mid_sigma, diffusion models with Heun at
+    preview.steps (or 18), on seeds 0..N-1."""
+    import ectune.preview as P
+    from ectune.checkpoint import load_model
+    from ectune.config import TrainConfig
+
+    calls = []
+    real_generate = P.generate
+    monkeypatch.setattr(P, "generate", lambda *a, **kw: calls.append(kw) or real_generate(*a, **kw))
+    denoiser, info = load_model(image_model)
+    real = _npz(tmp_path / "real.npz", x=_digits_like(64))
+    ev = E.build_evaluator(str(real), None, "train", 64, info.data_shape, "fid", encoder=ProjectionEncoder(),
+                           cache_dir=tmp_path / "cache")
+    cfg = dataclasses.replace(TrainConfig(), batch=32, eval_num_images=64)
+    cfg = dataclasses.replace(cfg, preview=dataclasses.replace(cfg.preview, mid_sigma=0.3, steps=3))
+    E.training_metrics(denoiser.net, info, cfg, torch.device("cpu"), evaluator=ev)
+    assert [(c["method"], c["steps"], c["sigmas"], c["seeds"]) for c in calls] == [
+        ("consistency", 2, [0.3], list(range(32))), ("consistency", 2, [0.3], list(range(32, 64)))]
+    calls.clear()
+    E.training_metrics(denoiser.net, dataclasses.replace(info, method="edm"), cfg, torch.device("cpu"), evaluator=ev)
+    assert [(c["method"], c["steps"]) for c in calls] == [("heun", 3), ("heun", 3)]
+
+
 def test_a_diverged_image_model_gets_no_finite_score(tmp_path, image_model):
     """NaN samples were turned into black pixels by to_uint8 and scored a large but finite FID (a review
     found it): training-time metrics log NaN, and the report / `ectune eval` stop with one line."""

@@ -250,6 +250,18 @@ def test_cm_boundary_condition_for_a_random_unet():
 T_GRID = torch.logspace(-4, 3, 2001, dtype=torch.float64)
 
 
+def test_r_of_t_uses_k_and_b():
+    """r = max(0, t (1 - q^-(s+1) (1 + k sigmoid(-b t)))) worked by hand for k and b other than the reference
+    values' 8 and 1 (which every official case uses), through ECTLoss as well."""
+    t = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    for k, b, q, stage in [(4.0, 2.0, 2.0, 0), (2.0, 0.5, 4.0, 1)]:
+        expected = [max(0.0, x * (1 - q ** -(stage + 1) * (1 + k / (1 + math.exp(b * x))))) for x in t.tolist()]
+        got = schedules.ect_r_of_t(t, stage, q=q, k=k, b=b)
+        assert got.tolist() == pytest.approx(expected, rel=1e-12)
+        loss = losses.ECTLoss(q=q, k=k, b=b, stage_nimg=1000)
+        assert loss.r_of_t(t, nimg=stage * 1000).tolist() == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.mark.parametrize("q,stages", [(2, range(0, 30)), (4, range(0, 15)), (256, range(0, 4))])
 @pytest.mark.parametrize("mapping", ["sigmoid", "const"])
 def test_r_is_below_t_and_approaches_it_with_the_stage(q, stages, mapping):

@@ -19,7 +19,7 @@ from ectune.checkpoint import list_states, load_model, load_state
 from ectune.errors import UserError
 from ectune.plots import latest_preview
 from ectune.preview import legacy_preview_name, preview_name, preview_nimg
-from ectune.training import step_seed, train
+from ectune.training import learning_rate, step_seed, train
 
 TINY_MLP = {"dim": 2, "hidden_dim": 32, "num_blocks": 1, "dropout": 0.0}
 
@@ -43,6 +43,36 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def teacher(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("teacher")
     return train(tiny_cfg(tmp, "edm"), progress=False).model_dir
+
+
+def test_learning_rate_warm_up_and_inverse_sqrt_decay():
+    """Worked by hand. Warm-up scales by the images seen after the step (so the first step does not
+    train at lr 0, EDM's ramp-up shifted by one step); EDM2's decay is lr / sqrt(max(nimg / (ref x batch), 1))."""
+    cfg = C.apply_overrides(C.TrainConfig(), {"batch": 100, "optim.lr": 1e-3, "optim.warmup_nimg": 1000})
+    assert [learning_rate(cfg, n) for n in (0, 400, 900, 5000)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3])
+    decay = C.apply_overrides(cfg, {"optim.warmup_nimg": 0, "optim.schedule": "inverse_sqrt", "optim.ref_batches": 10})
+    assert [learning_rate(decay, n) for n in (0, 1000, 4000, 9000)] == pytest.approx([1e-3, 1e-3, 5e-4, 1e-3 / 3])
+    both = C.apply_overrides(decay, {"optim.warmup_nimg": 8000})
+    assert learning_rate(both, 3900) == pytest.approx(1e-3 / math.sqrt(3.9) * 0.5)
+
+
+def test_logged_loss_is_the_mean_per_sample_loss(tmp_path, monkeypatch):
+    """A loss of exactly 1 per sample logs 1.0, with and without gradient accumulation (a review found
+    that counting steps instead of samples, 64x the loss, passed every test)."""
+    import ectune.training as T
+
+    class OnePerSample:
+        def __call__(self, model, x, labels, nimg, gen):
+            return torch.ones(x.shape[0]) + 0.0 * sum(p.sum() for p in model.parameters())
+
+        def stats(self, nimg):
+            return {}
+
+    monkeypatch.setattr(T, "build_loss", lambda cfg: OnePerSample())
+    for name, over in [("plain", {}), ("accum", {"batch_gpu": 16})]:
+        run = train(tiny_cfg(tmp_path / name, **over), progress=False).run_dir
+        losses = [json.loads(line)["loss"] for line in (run / "stats.jsonl").read_text().splitlines()]
+        assert losses == [1.0] * 4, name
 
 
 def test_previews_more_often_than_every_1000_images_each_keep_their_own_file(tmp_path):

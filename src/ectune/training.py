@@ -200,6 +200,9 @@ def build_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
 
 
 def learning_rate(cfg: TrainConfig, nimg: int) -> float:
+    """The learning rate of the step that starts at ``nimg`` images: EDM2's inverse-sqrt decay if chosen,
+    times the warm-up ramp min((nimg + batch) / warmup_nimg, 1), which counts the step's own images so
+    that the first step does not train at lr 0 (EDM's ramp-up, shifted by one step)."""
     o = cfg.optim
     lr = o.lr
     if o.schedule == "inverse_sqrt":
