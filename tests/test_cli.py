@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ectune import config as C
+from ectune import schedules
 from ectune.cli import main
 
 
@@ -41,6 +42,10 @@ def test_cifar10_preset_carries_the_paper_settings():
     assert (img.ect.P_mean, img.ect.P_std, img.ect.q, img.ect.c, img.ect.weighting) == (-0.8, 1.6, 4.0, 0.06, "edm")
     assert (img.optim.name, img.optim.lr, tuple(img.optim.betas), img.optim.schedule) == ("adam", 1e-3, (0.9, 0.99), "inverse_sqrt")
     assert tuple(img.ema.stds) == (0.01, 0.05, 0.1) and img.network.dropout == 0.4
+    assert img.network.kwargs == {"dropout_res": 16}  # dropout only at 16x16 and below (DESIGN.md)
+    # EDM's CIFAR-10 pretraining: batch 512, an EMA half-life of 500k images (ema_halflife_kimg = 500)
+    edm = C.preset("cifar10", "edm")
+    assert edm.batch == 512 and schedules.ema_half_life_iters(edm.ema.beta) * edm.batch == pytest.approx(500_000, rel=1e-3)
 
 
 def test_config_file_and_overrides(tmp_path, capsys):
