@@ -570,6 +570,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"preview.num_images must be >= 1, got {cfg.preview.num_images}")
     if cfg.batch_gpu is not None and (cfg.batch_gpu <= 0 or cfg.batch % cfg.batch_gpu):
         raise ConfigError(f"batch_gpu ({cfg.batch_gpu}) must divide batch ({cfg.batch})")
+    own = {"edm": cfg.edm, "ect": cfg.ect, "ict": cfg.ict}.get(cfg.method)
+    if own is not None and own.scalings is not None and own.scalings != cfg.precond.train_scalings:
+        raise ConfigError(f"{cfg.method}.scalings ({own.scalings}) and precond.train_scalings "
+                          f"({cfg.precond.train_scalings}) disagree, and the loss would use {cfg.method}.scalings: "
+                          f"set both, or --{cfg.method}.scalings {cfg.precond.train_scalings}")
     for name in ("train_scalings", "sample_scalings"):
         if getattr(cfg.precond, name) not in ("edm", "cm"):
             raise ConfigError(f"precond.{name} must be edm or cm, got {getattr(cfg.precond, name)!r}")
