@@ -108,7 +108,7 @@ def test_help_explains_every_option():
     (["train-ict", "--preset", "toy2d", "--ict.batch", "-1"], "ict.batch must be >= 0"),
     (["train-ict", "--preset", "toy2d", "--preview.mid_sigma", "0"], "preview.mid_sigma must lie in (0, 80)"),
     (["pretrain", "--preset", "toy2d", "--preview.steps", "-3"], "preview.steps must be >= 0"),
-    (["train-ict", "--preset", "toy2d", "--precond.train_scalings", "edm"], "--ict.scalings edm"),
+    (["train-ict", "--preset", "toy2d", "--precond.train_scalings", "edm"], "--precond.train_scalings cm, or"),
     (["pretrain", "--preset", "toy2d", "--eval_every_nimg", "512", "--eval_metrics", "fid"],
      "do not apply to swissroll"),
 ])

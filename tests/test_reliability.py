@@ -145,6 +145,19 @@ def test_a_saved_config_that_no_longer_validates_is_named(tmp_path):
         train(C.TrainConfig(), resume=str(first.run_dir), progress=False)
 
 
+def test_a_run_saved_with_disagreeing_scalings_still_resumes(tmp_path):
+    """A loss's own scalings beside another precond.train_scalings is refused for a new run only: runs
+    saved before the check trained with the loss's value, and resume (a review found them locked out)."""
+    cfg = _cfg(tmp_path, total_nimg=512, **{"edm.scalings": "cm"})
+    with pytest.raises(C.ConfigError, match="--precond.train_scalings cm, or --edm.scalings edm"):
+        C.validate(cfg)
+    first = train(C.apply_overrides(cfg, {"edm.scalings": "null"}), progress=False, stop_after_nimg=256)
+    saved = json.loads((first.run_dir / "config.json").read_text())
+    saved["edm"]["scalings"] = "cm"  # as an older ectune saved it
+    (first.run_dir / "config.json").write_text(json.dumps(saved))
+    assert train(C.TrainConfig(), resume=str(first.run_dir), progress=False).nimg == 512
+
+
 def test_resume_auto_takes_a_run_dir_spelled_another_way(tmp_path):
     """`--run-dir runs/a/` and `runs/a` are one run, and a config.json without an option added since is
     the same config: relaunching with the trailing slash resumes it."""

@@ -518,8 +518,9 @@ def _numbers(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
     return out
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Checks that need several fields at once. Raises ConfigError with the fix."""
+def validate(cfg: TrainConfig, *, new_run: bool = True) -> None:
+    """Checks that need several fields at once. Raises ConfigError with the fix. ``new_run=False`` (a
+    run's saved config, being resumed) skips checks added after runs were saved that trained fine."""
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     for key, value in _numbers(cfg):
@@ -571,10 +572,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.batch_gpu is not None and (cfg.batch_gpu <= 0 or cfg.batch % cfg.batch_gpu):
         raise ConfigError(f"batch_gpu ({cfg.batch_gpu}) must divide batch ({cfg.batch})")
     own = {"edm": cfg.edm, "ect": cfg.ect, "ict": cfg.ict}.get(cfg.method)
-    if own is not None and own.scalings is not None and own.scalings != cfg.precond.train_scalings:
+    if new_run and own is not None and own.scalings is not None and own.scalings != cfg.precond.train_scalings:
+        # not for a run being resumed: older ectune accepted this, and its loss used {method}.scalings
         raise ConfigError(f"{cfg.method}.scalings ({own.scalings}) and precond.train_scalings "
-                          f"({cfg.precond.train_scalings}) disagree, and the loss would use {cfg.method}.scalings: "
-                          f"set both, or --{cfg.method}.scalings {cfg.precond.train_scalings}")
+                          f"({cfg.precond.train_scalings}) disagree, and the loss uses {cfg.method}.scalings: pass "
+                          f"--precond.train_scalings {own.scalings}, or --{cfg.method}.scalings "
+                          f"{cfg.precond.train_scalings} to train with {cfg.precond.train_scalings}")
     for name in ("train_scalings", "sample_scalings"):
         if getattr(cfg.precond, name) not in ("edm", "cm"):
             raise ConfigError(f"precond.{name} must be edm or cm, got {getattr(cfg.precond, name)!r}")

@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         if not states:
             raise CheckpointError(f"{run_dir} holds no training state to resume from (checkpoints/training-state-*.pt)")
     try:
-        config_mod.validate(cfg)
+        config_mod.validate(cfg, new_run=not resume)
     except ConfigError as e:
         if resume:  # the run's own config.json holds the value, e.g. one an older ectune accepted
             raise ConfigError(f"{Path(resume) / 'config.json'}: {e}") from None
