@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import skip_without_reference
 from ectune.errors import ConfigError
 from ectune.networks import NETWORKS, build_network, record_dropout, replay_dropout
 from ectune.networks.edm2unet import Block, EDM2UNet, MPConv, MPFourier, UNet, mp_cat, mp_silu, mp_sum, normalize
@@ -39,8 +40,7 @@ def _magnitude(x: torch.Tensor) -> float:
 
 
 def test_img64_s_keys_and_shapes_equal_edm2():
-    if not REFERENCE.is_file():
-        pytest.skip(f"reference shapes {REFERENCE} not found (it lives in the shared folder beside the repo)")
+    skip_without_reference(REFERENCE)
     reference = json.loads(REFERENCE.read_text())["edm2_img64_s"]
     with torch.device("meta"):  # 280M parameters: shapes only
         net = build_network("edm2unet", img_resolution=64, img_channels=3, label_dim=1000, model_channels=192,
@@ -244,7 +244,7 @@ def test_tuning_an_edm2_teacher_with_the_imagenet_preset_drops_out_at_16x16_and_
     assert {p for n, p in probs.items() if n.startswith("32x32")} == {0.0}
     assert {p for n, p in probs.items() if not n.startswith("32x32")} == {0.4}
     wider = dataclasses.replace(cfg, network=dataclasses.replace(cfg.network, kwargs={"model_channels": 32}))
-    with pytest.raises(CheckpointError, match="cannot be overridden"):  # options that change the weights
+    with pytest.raises(CheckpointError, match="--network.kwargs model_channels laid over .*: drop those that change"):
         network_info(wider, data)
 
 

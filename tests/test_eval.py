@@ -217,6 +217,9 @@ def test_eval_of_2d_models_writes_results_into_the_run(toy_runs, capsys):
     assert len({r["out"] for r in outs}) == 3 and [(r["renoise"], r["seed"]) for r in outs] == [
         ("ect", 0), ("ict", 0), ("ect", 7)]
     assert "renoise_ict" in outs[1]["out"] and "seed7" in outs[2]["out"]
+    base = {**outs[0], "mode": "single"}
+    names = [E.results_name({**base, **change}) for change in ({}, {"S_churn": 5.0}, {"class_label": 3})]
+    assert len(set(names)) == 3 and "churn5" in names[1] and "class3" in names[2]
     assert main(["eval", str(teacher), "--num-images", "500", "--steps", "6", "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "heun" in table and "11" in table and "sw" in table and "results:" in table
@@ -508,6 +511,12 @@ def test_a_diverged_image_model_gets_no_finite_score(tmp_path, image_model):
     assert math.isnan(values["fid"]) and math.isnan(values["kid"])
     with pytest.raises(DataError, match="NaN or inf: the model has diverged"):
         sample_setting(denoiser, info, {"method": "consistency", "steps": 1}, 4)
+    from ectune.checkpoint import save_model
+    from ectune.config import EvalConfig
+
+    save_model(tmp_path / "diverged", denoiser.net, info)  # `ectune eval` samples through sample_model
+    with pytest.raises(DataError, match="NaN or inf: the model has diverged"):
+        E.sample_model(str(tmp_path / "diverged"), E.Setting("consistency", 1), EvalConfig(batch=4), 4)
 
 
 def test_training_time_fid_on_images_through_the_loop(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import skip_without_reference
 from ectune.errors import ConfigError
 from ectune.networks import MLP, MNIST_CONFIG, NETWORKS, SongUNet, build_network, record_dropout, replay_dropout
 from ectune.networks import songunet as songunet_module
@@ -27,8 +28,7 @@ TINY_MNIST = dict(img_resolution=28, in_channels=1, out_channels=1, model_channe
 
 
 def _reference() -> dict:
-    if not REFERENCE.is_file():
-        pytest.skip(f"reference shapes {REFERENCE} not found (it lives in the shared folder beside the repo)")
+    skip_without_reference(REFERENCE)
     return json.loads(REFERENCE.read_text())
 
 

@@ -263,10 +263,13 @@ def load_model(path: str | os.PathLike, *, dropout: float | None = None, overrid
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        changed = f" with the options {overrides} changed" if overrides else ""
-        raise CheckpointError(f"{weights} does not match the network in config.json{changed} ({_mismatch(e)})"
-                              + (": network options that change the architecture cannot be overridden" if changed
-                                 else "")) from None
+        why = _mismatch(e).rstrip(".")
+        if overrides:
+            raise CheckpointError(f"{weights} does not fit its network with --network.kwargs "
+                                  f"{', '.join(sorted(overrides))} laid over its config.json ({why}): drop those that "
+                                  f"change the architecture (ones that keep the weights, e.g. dropout_res, are fine)"
+                                  ) from None
+        raise CheckpointError(f"{weights} does not match the network in config.json ({why})") from None
     denoiser = Denoiser(net, sigma_data=info.sigma_data, scalings=info.scalings, sigma_min=info.sigma_min)
     return denoiser.to(device).eval(), info
 
