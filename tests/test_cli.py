@@ -45,7 +45,8 @@ def test_cifar10_preset_carries_the_paper_settings():
     assert img.network.kwargs == {"dropout_res": 16}  # dropout only at 16x16 and below (DESIGN.md)
     # EDM's CIFAR-10 pretraining: batch 512, an EMA half-life of 500k images (ema_halflife_kimg = 500)
     edm = C.preset("cifar10", "edm")
-    assert edm.batch == 512 and schedules.ema_half_life_iters(edm.ema.beta) * edm.batch == pytest.approx(500_000, rel=1e-3)
+    assert edm.batch == 512
+    assert schedules.ema_half_life_iters(edm.ema.beta) * edm.batch == pytest.approx(500_000, rel=1e-3)
 
 
 def test_config_file_and_overrides(tmp_path, capsys):
