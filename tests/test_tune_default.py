@@ -93,6 +93,21 @@ def _tiny_models(tmp_path):
     return cfg, tmp_path / "run"
 
 
+def test_report_scores_against_the_split_the_run_trained_on(tmp_path, monkeypatch):
+    """The report's reference is cfg.data's split, as for the training-time metrics (it was always the
+    train split), and report.md says which."""
+    from test_eval import ProjectionEncoder
+
+    from ectune.report import write_tune_report
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg, run = _tiny_models(tmp_path)
+    write_tune_report(run, C.apply_overrides(cfg, {"data.split": "all"}), train_wall_s=1.0, nimg=0,
+                      encoder=ProjectionEncoder())
+    assert json.loads((run / "results.json").read_text())["reference"]["split"] == "all"
+    assert "against 24 items of the all split (the training data)." in (run / "report.md").read_text()
+
+
 def test_report_caches_the_teacher_row_and_uses_it_only_when_it_checks_out(tmp_path, monkeypatch):
     """The second report takes the teacher's samples and features from the cache after drawing and
     encoding seeds 0..15 again; a cache whose images are not the teacher's is ignored and replaced."""

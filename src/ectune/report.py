@@ -118,8 +118,8 @@ def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: fl
                       encoder=None, batch: int = 250, device: str | torch.device = "cpu",
                       out_dir: str | Path | None = None, right_after_training: bool = True) -> Path:
     """Sample the teacher and the tuned model (run_dir/model) on seeds 0..N-1, N = cfg.report_num_images,
-    score each against N training items, and write report.md, results.json and the grids into
-    ``out_dir`` (default: run_dir). Returns report.md. ``right_after_training=False`` (a later measurement,
+    score each against N items of the training data (cfg.data's split), and write report.md, results.json
+    and the grids into ``out_dir`` (default: run_dir). Returns report.md. ``right_after_training=False`` (a later measurement,
     e.g. at a larger N) leaves the total wall time, training plus report, out.
 
     The teacher's row (images and Inception features) is cached: shipped beside the teacher for the
@@ -133,7 +133,7 @@ def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: fl
     models = {"teacher": load_model(cfg.teacher, device=device), "student": load_model(run_dir / "model", device=device)}
     info = models["student"][1]
     shape = tuple(info.data_shape)
-    evaluator = build_evaluator(cfg.data.name, cfg.data.path, "train", n, shape, "auto", encoder=encoder)
+    evaluator = build_evaluator(cfg.data.name, cfg.data.path, cfg.data.split, n, shape, "auto", encoder=encoder)
     teacher_folder = resolve_model_folder(cfg.teacher)
     cacheable = evaluator.is_image and all((teacher_folder / f).is_file() for f in ("model.safetensors", "config.json"))
     rows, samples = [], {}
@@ -192,7 +192,9 @@ def format_report(results: dict[str, Any]) -> str:
                 f"(total {results['total_wall_s'] / 60:.1f} min)." if results.get("total_wall_s") is not None else
                 f"this report, measured later, took {results['report_wall_s'] / 60:.1f} min."), "",
              f"Metrics on N = {results['num_images']:,} samples (seeds 0..{results['num_images'] - 1}) against "
-             f"{results['reference']['num_images']:,} training items."
+             f"{results['reference']['num_images']:,} "
+             + ("training items." if results["reference"].get("split", "train") == "train"
+                else f"items of the {results['reference']['split']} split (the training data).")
              + (" FID at small N is biased upward: compare the rows with each other, and measure at "
                 f"N >= {QUOTABLE_N:,} (benchmarks/tune_targets.py) for figures to quote." if small else ""), "",
              "| sampler | NFE | " + " | ".join(metrics) + " | ratio to teacher |",
