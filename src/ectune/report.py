@@ -119,8 +119,8 @@ def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: fl
                       out_dir: str | Path | None = None, right_after_training: bool = True) -> Path:
     """Sample the teacher and the tuned model (run_dir/model) on seeds 0..N-1, N = cfg.report_num_images,
     score each against N items of the training data (cfg.data's split), and write report.md, results.json
-    and the grids into ``out_dir`` (default: run_dir). Returns report.md. ``right_after_training=False`` (a later measurement,
-    e.g. at a larger N) leaves the total wall time, training plus report, out.
+    and the grids into ``out_dir`` (default: run_dir). Returns report.md. ``right_after_training=False``
+    (a later measurement, e.g. at a larger N) leaves the total wall time, training plus report, out.
 
     The teacher's row (images and Inception features) is cached: shipped beside the teacher for the
     default report, and in the user's metric cache after a first report. A cached row is used only
