@@ -136,6 +136,7 @@ def test_identical_sets_give_zero_and_a_shifted_set_more(tmp_path):
     assert abs(a["fid"]) < 1e-6 and a["precision"] == 1.0 and a["recall"] == 1.0
     assert b["fid"] > 1.0 and b["kid"] > 10 * abs(a["kid"]) and b["precision"] < 0.5
     assert r_same["out"] is None and not list(tmp_path.glob("*.json"))  # images are not a run: nothing written
+    assert [r_same[k] for k in ("seed", "class_label", "renoise", "S_churn")] == [None] * 4  # nothing was sampled
 
 
 def test_reference_cache_is_used_on_the_second_call_and_dropped_when_the_data_change(tmp_path):

@@ -376,7 +376,7 @@ def results_name(results: dict[str, Any]) -> str:
         if r["method"] == "consistency" and r["steps"] > 1:
             what += "-" + "_".join(f"{s:g}" for s in r["sigmas"])
     # sampling options away from their defaults, so that results differing only in them do not overwrite
-    if results.get("renoise", "ect") != "ect":
+    if results.get("renoise") not in (None, "ect"):
         what += f"-renoise_{results['renoise']}"
     if results.get("S_churn"):
         what += f"-churn{results['S_churn']:g}"
@@ -485,8 +485,9 @@ def evaluate(cfg: EvalConfig, *, encoder: Encoder | None = None, progress: bool 
         "data": evaluator.info,
         "encoder": ({"name": evaluator.encoder.name, "file_hash": evaluator.encoder.file_hash}
                     if evaluator.encoder is not None else None),
-        "num_images": n_gen, "seed": cfg.seed, "class_label": cfg.class_label, "renoise": cfg.renoise,
-        "S_churn": cfg.S_churn, "mode": mode,
+        "num_images": n_gen, "mode": mode,
+        # how the samples were drawn (None for images evaluated as they are: nothing was sampled)
+        **{k: (getattr(cfg, k) if info is not None else None) for k in ("seed", "class_label", "renoise", "S_churn")},
         "metrics": [metric_key(m, evaluator.encoder.name if evaluator.encoder else None) for m in evaluator.metrics],
         "results": rows,
     }
