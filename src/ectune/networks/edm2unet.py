@@ -345,11 +345,9 @@ class UNet(nn.Module):
         levels = len(channel_mult)
         if levels < 1:
             raise ConfigError("channel_mult needs at least one level")
-        if img_resolution < 1 or img_resolution % (1 << (levels - 1)):
+        if img_resolution % (1 << (levels - 1)):
             raise ConfigError(f"img_resolution={img_resolution} cannot be halved {levels - 1} times exactly "
                               f"(channel_mult has {levels} levels); use fewer levels or another resolution")
-        if label_dim < 0:
-            raise ConfigError(f"label_dim must be >= 0, got {label_dim}")
         if not 0 <= dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
 

@@ -428,7 +428,7 @@ class SongUNet(nn.Module):
         levels = len(channel_mult)
         if levels < 1:
             raise ConfigError("channel_mult needs at least one level")
-        if img_resolution < 1 or img_resolution % (1 << (levels - 1)):
+        if img_resolution % (1 << (levels - 1)):
             raise ConfigError(f"img_resolution={img_resolution} cannot be halved {levels - 1} times exactly "
                               f"(channel_mult has {levels} levels); use fewer levels or another resolution")
         if not 0 <= label_dropout < 1:
