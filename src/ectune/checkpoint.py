@@ -233,11 +233,16 @@ def save_model(folder: str | os.PathLike, net: nn.Module, info: ModelInfo) -> No
     write_text_atomic(folder / "config.json", json.dumps(info.to_json(), indent=2))
 
 
-def build_from_info(info: ModelInfo, *, dropout: float | None = None, overrides: dict | None = None) -> nn.Module:
-    kwargs = {**info.kwargs, **(overrides or {})}
+def network_kwargs(base: dict, overrides: dict | None = None, dropout: float | None = None) -> dict:
+    """Network options: ``base`` with ``overrides`` laid over it, and ``dropout`` over both when set."""
+    kwargs = {**base, **(overrides or {})}
     if dropout is not None:
         kwargs["dropout"] = dropout
-    return build_network(info.network, **kwargs)
+    return kwargs
+
+
+def build_from_info(info: ModelInfo, *, dropout: float | None = None, overrides: dict | None = None) -> nn.Module:
+    return build_network(info.network, **network_kwargs(info.kwargs, overrides, dropout))
 
 
 def _mismatch(e: RuntimeError) -> str:

@@ -128,12 +128,12 @@ def nfe(method: str, steps: int) -> int:
     return {"consistency": steps, "heun": 2 * steps - 1, "euler": steps}[method]
 
 
-def check_finite(x: torch.Tensor, what: str = "samples") -> torch.Tensor:
-    """``x`` itself, if every value is finite; a DataError otherwise (to_uint8 would turn NaN into black
-    pixels, and a diverged model would get a finite FID)."""
+def check_finite(x: torch.Tensor) -> torch.Tensor:
+    """Samples ``x`` themselves, if every value is finite; a DataError otherwise (to_uint8 would turn NaN
+    into black pixels, and a diverged model would get a finite FID)."""
     if not torch.isfinite(x).all():
-        raise DataError(f"the model's {what} contain NaN or inf: the model has diverged (retrain it, e.g. with a "
-                        f"lower learning rate)")
+        raise DataError("the model's samples contain NaN or inf: the model has diverged (retrain it, e.g. with a "
+                        "lower learning rate)")
     return x
 
 

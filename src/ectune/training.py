@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ectune import config as config_mod
-from ectune.checkpoint import (ModelInfo, list_states, load_model, load_state, remove_stale_temp_files, save_model,
-                               save_state, write_text_atomic)
+from ectune.checkpoint import (ModelInfo, list_states, load_model, load_state, network_kwargs, remove_stale_temp_files,
+                               save_model, save_state, write_text_atomic)
 from ectune.config import TrainConfig
 from ectune.data import ArrayDataset, load_dataset, stream_indices
 from ectune.ema import EMAGroup, FixedEMA, PowerFunctionEMA
@@ -135,16 +135,11 @@ def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, Model
             raise DataError(f"the teacher has {tinfo.label_dim} classes but the data has {data.label_dim}: "
                             f"set --data.use_labels to match the teacher")
         net = teacher.net
-        kwargs = {**tinfo.kwargs, **cfg.network.kwargs}
-        if cfg.network.dropout is not None:
-            kwargs["dropout"] = cfg.network.dropout
+        kwargs = network_kwargs(tinfo.kwargs, cfg.network.kwargs, cfg.network.dropout)  # those load_model built
         name = tinfo.network
     else:
         name = cfg.network.name
-        kwargs = dict(cfg.network.kwargs)
-        if cfg.network.dropout is not None:
-            kwargs["dropout"] = cfg.network.dropout
-        kwargs = _fit_kwargs_to_data(name, kwargs, data)
+        kwargs = _fit_kwargs_to_data(name, network_kwargs(cfg.network.kwargs, dropout=cfg.network.dropout), data)
         net = build_network(name, **kwargs)
         teacher = None
     info = ModelInfo(network=name, kwargs=kwargs, sigma_data=cfg.precond.sigma_data, scalings=cfg.precond.sample_scalings,
