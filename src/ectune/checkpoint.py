@@ -111,6 +111,23 @@ def write_folder_atomic(dest: str | os.PathLike, what: str, write: Callable[[Pat
     return dest
 
 
+def read_stats_rows(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every line of a run's stats.jsonl that is a JSON object; others (a line cut by
+    a kill) are left out. A missing file has none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            rows.append((line, record))
+    return rows
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

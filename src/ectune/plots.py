@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ectune.checkpoint import atomic_write, run_relative_path
+from ectune.checkpoint import atomic_write, read_stats_rows, run_relative_path
 from ectune.errors import UserError
 
 METRIC_KEYS = ("fid", "fd_dinov2", "kid", "precision", "recall", "sw", "mmd")
@@ -38,18 +38,7 @@ def _warn(message: str) -> None:
 
 def read_stats(run_dir: Path) -> list[dict[str, Any]]:
     """The records of ``run_dir/stats.jsonl`` (lines that do not parse are skipped)."""
-    path = run_dir / "stats.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("nimg"), (int, float)):
-            out.append(record)
-    return out
+    return [r for _, r in read_stats_rows(run_dir / "stats.jsonl") if isinstance(r.get("nimg"), (int, float))]
 
 
 def read_results(run_dir: Path) -> list[dict[str, Any]]:

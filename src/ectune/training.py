@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ectune import config as config_mod
-from ectune.checkpoint import (ModelInfo, list_states, load_model, load_state, network_kwargs, remove_stale_temp_files,
-                               save_model, save_state, write_text_atomic)
+from ectune.checkpoint import (ModelInfo, list_states, load_model, load_state, network_kwargs, read_stats_rows,
+                               remove_stale_temp_files, save_model, save_state, write_text_atomic)
 from ectune.config import TrainConfig
 from ectune.data import ArrayDataset, load_dataset, stream_indices
 from ectune.ema import EMAGroup, FixedEMA, PowerFunctionEMA
@@ -542,28 +542,16 @@ def _latest_readable_state(run_dir: Path) -> tuple[dict[str, Any], list[tuple[Pa
     raise CheckpointError(f"no readable training state in {run_dir / 'checkpoints'}: start a new run")
 
 
-def _stats_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(line, row) of every readable line of stats.jsonl; a line cut by a kill is left out."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append((line, json.loads(line)))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def _trim_stats(path: Path, nimg: int) -> None:
     """Drop stats lines logged after the state a run resumes from (they are about to be replayed)."""
     if path.is_file():
-        write_text_atomic(path, "".join(line + "\n" for line, row in _stats_rows(path) if row.get("nimg", 0) <= nimg))
+        kept = [line for line, row in read_stats_rows(path) if row.get("nimg", 0) <= nimg]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _eval_logged(path: Path, nimg: int) -> bool:
     """Whether stats.jsonl holds the training-time metrics (an ``eval_s`` line) at ``nimg`` images."""
-    return any(row.get("nimg") == nimg and "eval_s" in row for _, row in _stats_rows(path))
+    return any(row.get("nimg") == nimg and "eval_s" in row for _, row in read_stats_rows(path))
 
 
 def _config_differences(saved: Path, cfg: TrainConfig) -> list[str]:
