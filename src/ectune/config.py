@@ -549,10 +549,10 @@ def validate(cfg: TrainConfig, *, new_run: bool = True) -> None:
         # EDM2 Eq. 3 gives no exponent gamma > -1 (an average that converges) above a std of about 0.3
         if not 0 < std <= 0.3 or schedules.power_ema_std_to_exp(std) <= -1:
             raise ConfigError(f"ema.stds must lie in (0, 0.3], got {std}: EDM2 uses e.g. 0.05-0.1")
-    names = [power_ema_name(std) for std in cfg.ema.stds]
-    twice = next((n for n in names if names.count(n) > 1), None)
+    ema_names = [power_ema_name(std) for std in cfg.ema.stds]
+    twice = next((n for n in ema_names if ema_names.count(n) > 1), None)
     if twice is not None:
-        same = [f"{std:g}" for std, n in zip(cfg.ema.stds, names) if n == twice]
+        same = [f"{std:g}" for std, n in zip(cfg.ema.stds, ema_names) if n == twice]
         raise ConfigError(f"ema.stds {' and '.join(same)} would share the name {twice}: give stds that differ in "
                           f"the first 3 decimals")
     o = cfg.optim
