@@ -36,9 +36,10 @@ def official_values() -> dict:
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_benchmark(name: str) -> ModuleType:
-    """Import benchmarks/<name>.py (a script folder, not a package), registered in sys.modules."""
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+def load_benchmark(name: str, folder: Path = BENCHMARKS) -> ModuleType:
+    """Import benchmarks/<name>.py (or ``folder``/<name>.py: a script folder, not a package), registered in
+    sys.modules."""
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)

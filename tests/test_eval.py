@@ -453,15 +453,21 @@ def test_bad_training_eval_metrics_are_refused_at_start(tmp_path):
 # Training-time metrics on images, and the real Inception
 
 
-def test_training_metrics_on_images_with_an_injected_evaluator(tmp_path, image_model):
+def _image_metrics_setup(tmp_path, image_model, metrics: str = "fid,kid"):
+    """The untrained image model, an evaluator against 64 digit-like images with the stand-in encoder,
+    and a training config that scores 64 samples in batches of 32."""
     from ectune.checkpoint import load_model
     from ectune.config import TrainConfig
 
     denoiser, info = load_model(image_model)
     real = _npz(tmp_path / "real.npz", x=_digits_like(64))
-    ev = E.build_evaluator(str(real), None, "train", 64, info.data_shape, "fid,kid", encoder=ProjectionEncoder(),
+    ev = E.build_evaluator(str(real), None, "train", 64, info.data_shape, metrics, encoder=ProjectionEncoder(),
                            cache_dir=tmp_path / "cache")
-    cfg = dataclasses.replace(TrainConfig(), batch=32, eval_num_images=64)
+    return denoiser, info, ev, dataclasses.replace(TrainConfig(), batch=32, eval_num_images=64)
+
+
+def test_training_metrics_on_images_with_an_injected_evaluator(tmp_path, image_model):
+    denoiser, info, ev, cfg = _image_metrics_setup(tmp_path, image_model)
     values = E.training_metrics(denoiser.net, info, cfg, torch.device("cpu"), evaluator=ev)
     assert set(values) == {"fid", "kid", "kid_std", "eval_s"} and values["fid"] > 0
     again = E.training_metrics(denoiser.net, info, cfg, torch.device("cpu"), evaluator=ev)
@@ -472,17 +478,11 @@ def test_training_metrics_sample_like_the_preview(tmp_path, image_model, monkeyp
     """Consistency models are scored at 2 steps and preview.mid_sigma, diffusion models with Heun at
     preview.steps (or 18), on seeds 0..N-1."""
     import ectune.preview as P
-    from ectune.checkpoint import load_model
-    from ectune.config import TrainConfig
 
     calls = []
     real_generate = P.generate
     monkeypatch.setattr(P, "generate", lambda *a, **kw: calls.append(kw) or real_generate(*a, **kw))
-    denoiser, info = load_model(image_model)
-    real = _npz(tmp_path / "real.npz", x=_digits_like(64))
-    ev = E.build_evaluator(str(real), None, "train", 64, info.data_shape, "fid", encoder=ProjectionEncoder(),
-                           cache_dir=tmp_path / "cache")
-    cfg = dataclasses.replace(TrainConfig(), batch=32, eval_num_images=64)
+    denoiser, info, ev, cfg = _image_metrics_setup(tmp_path, image_model, "fid")
     cfg = dataclasses.replace(cfg, preview=dataclasses.replace(cfg.preview, mid_sigma=0.3, steps=3))
     E.training_metrics(denoiser.net, info, cfg, torch.device("cpu"), evaluator=ev)
     assert [(c["method"], c["steps"], c["sigmas"], c["seeds"]) for c in calls] == [
@@ -495,26 +495,19 @@ def test_training_metrics_sample_like_the_preview(tmp_path, image_model, monkeyp
 def test_a_diverged_image_model_gets_no_finite_score(tmp_path, image_model):
     """NaN samples were turned into black pixels by to_uint8 and scored a large but finite FID (a review
     found it): training-time metrics log NaN, and the report / `ectune eval` stop with one line."""
-    from ectune.checkpoint import load_model
-    from ectune.config import TrainConfig
+    from ectune.checkpoint import save_model
+    from ectune.config import EvalConfig
     from ectune.errors import DataError
     from ectune.report import sample_setting
 
-    denoiser, info = load_model(image_model)
+    denoiser, info, ev, cfg = _image_metrics_setup(tmp_path, image_model)
     with torch.no_grad():
         for p in denoiser.net.parameters():
             p.fill_(float("nan"))
-    real = _npz(tmp_path / "real.npz", x=_digits_like(64))
-    ev = E.build_evaluator(str(real), None, "train", 64, info.data_shape, "fid,kid", encoder=ProjectionEncoder(),
-                           cache_dir=tmp_path / "cache")
-    cfg = dataclasses.replace(TrainConfig(), batch=32, eval_num_images=64)
     values = E.training_metrics(denoiser.net, info, cfg, torch.device("cpu"), evaluator=ev)
     assert math.isnan(values["fid"]) and math.isnan(values["kid"])
     with pytest.raises(DataError, match="NaN or inf: the model has diverged"):
         sample_setting(denoiser, info, {"method": "consistency", "steps": 1}, 4)
-    from ectune.checkpoint import save_model
-    from ectune.config import EvalConfig
-
     save_model(tmp_path / "diverged", denoiser.net, info)  # `ectune eval` samples through sample_model
     with pytest.raises(DataError, match="NaN or inf: the model has diverged"):
         E.sample_model(str(tmp_path / "diverged"), E.Setting("consistency", 1), EvalConfig(batch=4), 4)

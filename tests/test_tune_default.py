@@ -151,19 +151,16 @@ def test_report_caches_the_teacher_row_and_uses_it_only_when_it_checks_out(tmp_p
 
 @pytest.mark.slow
 @needs_inception
-def test_ship_report_cache_writes_rows_the_report_accepts(tmp_path):
+def test_ship_report_cache_writes_rows_the_report_accepts(tmp_path, benchmark_module):
     """scripts/ship_report_cache.py at N = 4 into a copy of the teacher and a scratch features folder
     (a review found it crashing after writing its first file): both files come out, and the teacher
     row passes the report's check."""
-    import importlib.util
     import shutil
 
     from ectune.evaluate import build_evaluator
     from ectune.report import _cached_teacher_row, _settings, _teacher_entry
 
-    spec = importlib.util.spec_from_file_location("ship_report_cache", ROOT / "scripts" / "ship_report_cache.py")
-    ship = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship)
+    ship = benchmark_module("ship_report_cache", ROOT / "scripts")
     teacher = tmp_path / "teacher"
     shutil.copytree(builtin_model("mnist"), teacher, ignore=shutil.ignore_patterns("report-cache"))
     written = ship.ship(4, tmp_path / "features", teacher)
