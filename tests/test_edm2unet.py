@@ -248,6 +248,34 @@ def test_tuning_an_edm2_teacher_with_the_imagenet_preset_drops_out_at_16x16_and_
         network_info(wider, data)
 
 
+def test_the_imagenet_presets_edm2_options_are_not_forced_on_a_teacher_of_another_architecture(tmp_path):
+    """imagenet64-s sets EDM2's dropout_res. A SongUNet teacher tuned with that preset failed with
+    "network 'songunet' has no option 'dropout_res'", an option the user never passed; the preset's own
+    option now stays with EDM2 teachers, while one the user sets is still passed on (and refused by name)."""
+    import dataclasses
+
+    from ectune import config as C
+    from ectune.checkpoint import ModelInfo, save_model
+    from ectune.data import ArrayDataset
+    from ectune.networks import SongUNet
+    from ectune.training import network_info
+
+    kw = dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=5, model_channels=8, channel_mult=[1, 2],
+              num_blocks=1, attn_resolutions=[])
+    save_model(tmp_path / "teacher", SongUNet(**kw), ModelInfo("songunet", kw, 0.5, "edm", 0.002, "edm", (3, 16, 16),
+                                                               5, 1.526, {}))
+    cfg = dataclasses.replace(C.preset("imagenet64-s", "ect"), teacher=str(tmp_path / "teacher"))
+    data = ArrayDataset("imagenet64", torch.zeros(4, 3, 16, 16, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), 5)
+    net, info, _ = network_info(cfg, data)
+    assert isinstance(net, SongUNet) and "dropout_res" not in info.kwargs and info.kwargs["dropout"] == 0.4
+    # a value other than the preset's, or one set under a preset that has none, is the user's own
+    for preset, value in (("imagenet64-s", 8), ("mnist", 16)):
+        network = dataclasses.replace(cfg.network, kwargs={"dropout_res": value})
+        mine = dataclasses.replace(cfg, preset=preset, network=network)
+        with pytest.raises(ConfigError, match="network 'songunet' has no option 'dropout_res'"):
+            network_info(mine, data)
+
+
 # ----------------------------------------------------------------------------------------------
 # Shapes and interface
 

@@ -191,6 +191,11 @@ BUILTIN_MODELS = {"mnist": "mnist-teacher"}
 BUILTIN_PREFIX = "builtin:"
 
 
+def read_model_info(path: str | os.PathLike) -> ModelInfo:
+    """The description (config.json) of a model folder, run folder or ``builtin:NAME``, without its weights."""
+    return _read_model_info(resolve_model_folder(path))
+
+
 def builtin_model(name: str) -> Path:
     """The folder of the shipped model ``name`` (see BUILTIN_MODELS and its model card, README.md)."""
     if name not in BUILTIN_MODELS:

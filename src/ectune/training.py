@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ectune import config as config_mod
-from ectune.checkpoint import (ModelInfo, list_states, load_model, load_state, network_kwargs, read_stats_rows,
-                               remove_stale_temp_files, save_model, save_state, write_text_atomic)
+from ectune.checkpoint import (ModelInfo, list_states, load_model, load_state, network_kwargs, read_model_info,
+                               read_stats_rows, remove_stale_temp_files, save_model, save_state, write_text_atomic)
 from ectune.config import TrainConfig
 from ectune.data import ArrayDataset, load_dataset, stream_indices
 from ectune.ema import EMAGroup, FixedEMA, PowerFunctionEMA
@@ -127,7 +127,8 @@ def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, Model
     shape = tuple(data.shape)
     if cfg.method == "ect":
         # the teacher's architecture, with --network.kwargs on top for options that keep its weights (dropout_res)
-        teacher, tinfo = load_model(cfg.teacher, dropout=cfg.network.dropout, overrides=cfg.network.kwargs)
+        overrides = teacher_overrides(cfg, read_model_info(cfg.teacher).network)
+        teacher, tinfo = load_model(cfg.teacher, dropout=cfg.network.dropout, overrides=overrides)
         if tinfo.data_shape != shape:
             raise DataError(f"the teacher {cfg.teacher} was trained on data of shape {list(tinfo.data_shape)} but "
                             f"{cfg.data.name} has shape {list(shape)}: tune on the teacher's dataset")
@@ -135,7 +136,7 @@ def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, Model
             raise DataError(f"the teacher has {tinfo.label_dim} classes but the data has {data.label_dim}: "
                             f"set --data.use_labels to match the teacher")
         net = teacher.net
-        kwargs = network_kwargs(tinfo.kwargs, cfg.network.kwargs, cfg.network.dropout)  # those load_model built
+        kwargs = network_kwargs(tinfo.kwargs, overrides, cfg.network.dropout)  # those load_model built
         name = tinfo.network
     else:
         name = cfg.network.name
@@ -146,6 +147,20 @@ def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, Model
                      sigma_min=cfg.precond.sigma_min, method=cfg.method, data_shape=shape, label_dim=data.label_dim,
                      mid_sigma=cfg.preview.mid_sigma, extra={"data": cfg.data.name, "preset": cfg.preset})
     return net, info, teacher
+
+
+def teacher_overrides(cfg: TrainConfig, teacher_network: str) -> dict:
+    """The ``--network.kwargs`` to lay over a teacher's options when tuning it.
+
+    A preset's own network options are written for the preset's architecture (imagenet64-s sets EDM2's
+    ``dropout_res``). A teacher of another architecture does not get those the user left at the preset's
+    value; options the user set are always passed on, so a wrong one still fails by name.
+    """
+    kwargs = dict(cfg.network.kwargs)
+    if teacher_network == cfg.network.name or cfg.preset not in config_mod.PRESETS:
+        return kwargs
+    preset_kwargs = config_mod.preset(cfg.preset, cfg.method).network.kwargs
+    return {k: v for k, v in kwargs.items() if k not in preset_kwargs or preset_kwargs[k] != v}
 
 
 def _fit_kwargs_to_data(name: str, kwargs: dict, data: ArrayDataset) -> dict:
