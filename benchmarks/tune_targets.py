@@ -1,13 +1,13 @@
 """Issue 4's quality targets for the default `ectune tune` run, measured at N images:
 ECM 2-step FID <= 1.3x the teacher's 35-NFE FID, ECM 1-step FID <= 2.5x.
 
-    python benchmarks/tune_targets.py RUN_DIR [--num_images 5000] [--out FOLDER]
+    python benchmarks/tune_targets.py RUN_DIR [--num_images 5000] [--out FOLDER] [--device auto]
 
 RUN_DIR is the folder a finished `ectune tune` printed (its config names the teacher). This is the
 run's own report at a larger N: the teacher (Heun, 35 NFE) and the tuned model (1 and 2 steps) on
 seeds 0..N-1 against N MNIST training images, written with grids to FOLDER (default
 RUN_DIR/targets-nN; an existing report there is not overwritten). Prints one JSON line per sampler
-and a verdict line.
+and a verdict line. The models and Inception-v3 run on --device (default: a GPU when there is one).
 
 The teacher's row is the slow part the first time (38.5 minutes in all at N = 5,000 on 2 cores); like
 the report's, it is cached in the metric cache and reused once its first 16 seeds, sampled and
@@ -23,8 +23,10 @@ from pathlib import Path
 
 from ectune import config as C
 from ectune.checkpoint import run_relative_path
+from ectune.errors import ConfigError
 from ectune.plots import read_stats
 from ectune.report import write_tune_report
+from ectune.training import resolve_device
 
 TARGETS = {"ECM 2 steps": 1.3, "ECM 1 step": 2.5}
 """The largest FID ratio to the teacher's that meets issue 4's target."""
@@ -76,12 +78,17 @@ def main() -> None:
     ap.add_argument("run_dir")
     ap.add_argument("--num_images", type=int, default=5000)
     ap.add_argument("--out", help="folder for the report, grids and results.json (default RUN_DIR/targets-nN)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: a GPU if there is one)")
     args = ap.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as e:
+        fail(str(e))
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.json").is_file():
         fail(f"{run_dir} has no config.json: pass the folder of a finished `ectune tune` run")
     out = Path(args.out) if args.out else run_dir / f"targets-n{args.num_images}"
-    results = measure(run_dir, args.num_images, out)
+    results = measure(run_dir, args.num_images, out, device=device)
     print("\n".join(verdict(results)))
     print(f"report: {out / 'report.md'}")
 

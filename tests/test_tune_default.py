@@ -70,6 +70,36 @@ def test_shortened_default_tune_writes_grids_results_and_report(tmp_path):
     assert not np.array_equal(panels[0], panels[1])  # teacher vs 1 step on the same seeds
 
 
+def test_the_tune_report_runs_on_the_device_the_run_trained_on(tmp_path, monkeypatch):
+    """The report sampled 3N images and encoded them on the CPU even after a GPU run; it now gets the
+    run's device (rank 0's), and builds Inception-v3 there."""
+    from ectune import cli, report
+
+    seen = {}
+
+    def spy(run_dir, cfg, **kw):
+        seen.update(kw, device_option=cfg.device)
+        (Path(run_dir) / "report.md").write_text("spy", encoding="utf-8")
+        return Path(run_dir) / "report.md"
+
+    monkeypatch.setattr(report, "write_tune_report", spy)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["tune", "--total_nimg", "64", "--ect.stage_nimg", "32", "--report_num_images", "4",
+                     "--checkpoint_every_nimg", "0", "--device", "cpu", "--run-dir", "run", "--no-progress"]) == 0
+    assert seen["device_option"] == "cpu" and seen["device"] == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_tune_targets_refuses_a_device_it_does_not_have(tmp_path, monkeypatch, capsys, benchmark_module):
+    tt = benchmark_module("tune_targets")
+    monkeypatch.setattr(sys, "argv", ["tune_targets.py", str(tmp_path / "run"), "--device", "cuda"])
+    with pytest.raises(SystemExit) as exit_:
+        tt.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "CUDA is not available: use --device cpu" in err
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # The report's cached teacher row
 

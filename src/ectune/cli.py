@@ -172,7 +172,7 @@ def resolve_train_config(args: argparse.Namespace, overrides: dict[str, Any]) ->
 
 
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from ectune.training import resume_or_start, train
+    from ectune.training import resolve_device, resume_or_start, train
 
     if args.resume == "auto":
         cfg = resolve_train_config(args, overrides)
@@ -205,7 +205,8 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             from ectune.report import write_tune_report
 
             print(f"report: sampling the teacher and the tuned model on {run_cfg.report_num_images} seeds ...")
-            report = write_tune_report(result.run_dir, run_cfg, train_wall_s=result.wall_s, nimg=result.nimg)
+            report = write_tune_report(result.run_dir, run_cfg, train_wall_s=result.wall_s, nimg=result.nimg,
+                                       device=resolve_device(run_cfg.device))  # where it trained (rank 0's)
             print(report.read_text(encoding="utf-8"))
             print(f"report: {report}\ngrids: {Path(result.run_dir) / 'grid-side-by-side.png'} (and grid-*.png)\n"
                   f"results: {Path(result.run_dir) / 'results.json'}")

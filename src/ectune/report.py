@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -16,7 +17,7 @@ from ectune.checkpoint import load_model, resolve_model_folder, write_text_atomi
 from ectune.config import TrainConfig
 from ectune.evaluate import build_evaluator, default_cache_dir
 from ectune.images import grid, save_png, save_scatter, side_by_side
-from ectune.metrics.encoders import sha256_file
+from ectune.metrics.encoders import get_encoder, sha256_file
 from ectune.metrics.store import features_agree, read_entry, write_entry
 from ectune.preview import generate
 from ectune.sampling import check_finite, seed_labels, to_uint8
@@ -125,7 +126,8 @@ def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: fl
     The teacher's row (images and Inception features) is cached: shipped beside the teacher for the
     default report, and in the user's metric cache after a first report. A cached row is used only
     if its provenance matches (teacher weights, sampler, seeds, encoder) and its first 16 seeds,
-    sampled and encoded again here, agree with it."""
+    sampled and encoded again here, agree with it. ``device``: where the models and (unless ``encoder``
+    is given) Inception-v3 run."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     t0 = time.perf_counter()
@@ -133,6 +135,8 @@ def write_tune_report(run_dir: str | Path, cfg: TrainConfig, *, train_wall_s: fl
     models = {"teacher": load_model(cfg.teacher, device=device), "student": load_model(run_dir / "model", device=device)}
     info = models["student"][1]
     shape = tuple(info.data_shape)
+    if encoder is None:  # Inception-v3 on the models' device, built only for image data
+        encoder = functools.partial(get_encoder, "inception_v3", device=device)
     evaluator = build_evaluator(cfg.data.name, cfg.data.path, cfg.data.split, n, shape, "auto", encoder=encoder)
     teacher_folder = resolve_model_folder(cfg.teacher)
     cacheable = evaluator.is_image and all((teacher_folder / f).is_file() for f in ("model.safetensors", "config.json"))
