@@ -267,3 +267,35 @@ def test_tune_targets_is_the_report_at_larger_n_and_reuses_the_cached_teacher_ro
         assert f"{name} {ratios[name]:.2f}x (<= {limit}x: {'met' if ratios[name] <= limit else 'missed'})" in lines[-1]
     scaled = {**first, "rows": [first["rows"][0]] + [{**r, "fid": r["fid"] * 1e-3} for r in first["rows"][1:]]}
     assert tt.verdict(scaled)[-1].count("met") == 2  # tiny ratios meet both targets
+
+
+def test_gpu_issue4_tars_round_trip_and_refuse_what_they_did_not_write(tmp_path, capsys, benchmark_module):
+    """benchmarks/gpu_issue4.py brings a device run's models back as tars: unpacking restores the run
+    folder byte for byte, refuses to overwrite a run, and refuses a tar reaching outside its folder."""
+    import tarfile
+
+    g4 = benchmark_module("gpu_issue4")
+    run = tmp_path / "work" / "r1"
+    (run / "model").mkdir(parents=True)
+    files = {"config.json": b"{}", "stats.jsonl": b'{"nimg": 1}\n', "log.txt": b"log", "model/config.json": b"[]",
+             "model/model.safetensors": bytes(range(256)) * 4}
+    for rel, data in files.items():
+        (run / rel).write_bytes(data)
+    (run / "state-000001.pt").write_bytes(b"big")  # training states stay on the device
+    out = tmp_path / "out"
+    out.mkdir()
+    g4.pack(tmp_path / "work", "r1", out)
+    assert g4.unpack(out, tmp_path / "runs") == [tmp_path / "runs" / "r1"]
+    assert {p.relative_to(tmp_path / "runs" / "r1").as_posix(): p.read_bytes()
+            for p in (tmp_path / "runs" / "r1").rglob("*") if p.is_file()} == files
+    with pytest.raises(SystemExit) as exit_:
+        g4.unpack(out, tmp_path / "runs")
+    assert exit_.value.code == 2 and "already exists" in capsys.readouterr().err
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    with tarfile.open(evil / "x.tar", "w") as tar:
+        tar.add(run / "log.txt", arcname="r1/../../escaped.txt")
+    with pytest.raises(SystemExit) as exit_:
+        g4.unpack(evil, tmp_path / "elsewhere")
+    assert exit_.value.code == 2 and "not a tar written by this script" in capsys.readouterr().err
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "elsewhere").exists()
