@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ectune import config as C
 from ectune.checkpoint import list_states, load_model, load_state
-from ectune.errors import UserError
+from ectune.errors import ConfigError, UserError
 from ectune.plots import latest_preview
 from ectune.preview import legacy_preview_name, preview_name, preview_nimg
 from ectune.training import learning_rate, step_seed, train
@@ -218,12 +218,52 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, out: str) -> No
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     cfg = C.from_dict(C.TrainConfig, json.loads(cfg_json))
+    res = train(cfg, progress=False)
+    assert not torch.distributed.is_initialized()  # train destroys the group it created
+    if rank == 0:
+        Path(out).write_text(str(res.model_dir))
+
+
+def test_process_group_backend_device_and_timeout(monkeypatch):
+    """gloo on the CPU, the override ECTUNE_DIST_BACKEND (e.g. cuda:gloo: two processes on one GPU), a
+    timeout longer than NCCL's 10 minutes (rank 0 evaluates alone while the others wait), and NCCL
+    refused a --device cuda:N that would put every process on one GPU."""
+    from ectune import training as T
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    for key in ("TORCHELASTIC_USE_AGENT_STORE", "ECTUNE_DIST_BACKEND"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert T.init_distributed("cpu") == T.Dist(rank=1, world=2, local_rank=1, owned=True)
+    assert calls[-1] == {"backend": "gloo", "timeout": T.PG_TIMEOUT} and T.PG_TIMEOUT.total_seconds() >= 3600
+    monkeypatch.setenv("ECTUNE_DIST_BACKEND", "cpu:gloo")
+    T.init_distributed("cpu")
+    assert calls[-1]["backend"] == "cpu:gloo"
+    monkeypatch.delenv("ECTUNE_DIST_BACKEND")
+    with pytest.raises(ConfigError, match="--device cuda:0 puts every process on one GPU, which NCCL refuses"):
+        T.init_distributed("cuda:0")
+    assert len(calls) == 2
+
+
+def test_a_cuda_device_turns_tf32_off():
+    """cuDNN convolutions default to TF32 on recent GPUs, so "fp32" sampling there changed pixels by up
+    to 12 levels (a review emulated it) and failed the shipped teacher rows' check."""
+    from ectune.training import exact_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
-        res = train(cfg, progress=False)
-        if rank == 0:
-            Path(out).write_text(str(res.model_dir))
+        exact_fp32()
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        if hasattr(conv, "fp32_precision"):  # torch >= 2.9: the per-operator flag the convolutions read
+            assert conv.fp32_precision != "tf32"
     finally:
-        torch.distributed.destroy_process_group()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.mark.slow

@@ -278,6 +278,7 @@ def sample_model(model: str, setting: Setting, cfg: EvalConfig, num_images: int,
                         num_images=num_images, seed=cfg.seed, batch=cfg.batch, class_label=cfg.class_label,
                         device=cfg.device, renoise=cfg.renoise, S_churn=cfg.S_churn)
     chunk = max(cfg.batch, 1)
+    loaded = load_model(model, device=_metric_device(cfg.device))  # once, not once per batch
     parts = []
     t0 = time.perf_counter()
     disable = None if progress is None else not progress
@@ -285,7 +286,7 @@ def sample_model(model: str, setting: Setting, cfg: EvalConfig, num_images: int,
     with tqdm(total=num_images, desc=label, unit="img", disable=disable, file=sys.stderr) as bar:
         for start in range(0, num_images, chunk):
             count = min(chunk, num_images - start)
-            x, _ = sample_images(dataclasses.replace(base, seed=cfg.seed + start, num_images=count))
+            x, _ = sample_images(dataclasses.replace(base, seed=cfg.seed + start, num_images=count), loaded)
             check_finite(x)
             parts.append(to_uint8(x) if x.ndim == 4 else x.float())
             bar.update(count)

@@ -162,9 +162,12 @@ class ECTLoss:
         t = schedules.sample_lognormal(x.shape[0], self.P_mean, self.P_std, generator=generator, device=x.device)
         r = self.r_of_t(t, nimg)
         eps = torch.randn(x.shape, generator=generator, device=x.device)
+        # which samples need the target pass: known before the student pass, so that on a GPU the host's
+        # wait for it overlaps nothing but the sampling of t and r
+        kept = (r > 0).nonzero().squeeze(1)
         with record_dropout(generator) as masks:
             D_t = denoiser(x + _per_sample(t, x) * eps, t, labels, scalings=self.scalings)
-        D_r = consistency_target(denoiser, x, eps, r, labels, masks, self.scalings)
+        D_r = consistency_target(denoiser, x, eps, r, labels, masks, self.scalings, kept=kept)
         delta = squared_distance(D_t, D_r)
         if self.distance == "huber":
             dist = pseudo_huber(delta, self.c)
@@ -178,17 +181,18 @@ class ECTLoss:
 
 
 def consistency_target(denoiser: nn.Module, x: torch.Tensor, eps: torch.Tensor, r: torch.Tensor,
-                       labels: torch.Tensor | None, masks, scalings: str | None) -> torch.Tensor:
+                       labels: torch.Tensor | None, masks, scalings: str | None,
+                       kept: torch.Tensor | None = None) -> torch.Tensor:
     """stopgrad(D(x + r eps, r)) with the student's dropout masks, computed only for samples with r > 0;
-    samples with r = 0 get the clean image x (the boundary condition D(x, 0) = x)."""
+    samples with r = 0 get the clean image x (the boundary condition D(x, 0) = x). ``kept``: the
+    positions of r > 0, when the caller has them already."""
     target_net = _unwrap(denoiser)
-    keep = r > 0
+    idx = (r > 0).nonzero().squeeze(1) if kept is None else kept
     with torch.no_grad():
-        if bool(keep.all()):
+        if idx.numel() == r.numel():
             with replay_dropout(masks):
                 return target_net(x + _per_sample(r, x) * eps, r, labels, scalings=scalings).detach()
         D_r = x.detach().clone()
-        idx = keep.nonzero().squeeze(1)
         if idx.numel() > 0:
             r_i = r[idx]
             with replay_dropout(masks, idx):
@@ -240,9 +244,10 @@ class ICTLoss:
         sigmas = sigmas.to(dev, torch.float32)
         t, r = sigmas[i + 1], sigmas[i]
         eps = torch.randn(x.shape, generator=generator, device=dev)
+        kept = (r > 0).nonzero().squeeze(1)  # all of them (r >= sigma_min); before the student pass, as in ECT
         with record_dropout(generator) as masks:
             D_t = denoiser(x + _per_sample(t, x) * eps, t, labels, scalings=self.scalings)
-        D_r = consistency_target(denoiser, x, eps, r, labels, masks, self.scalings)
+        D_r = consistency_target(denoiser, x, eps, r, labels, masks, self.scalings, kept=kept)
         c = self.c if self.c is not None else schedules.ict_pseudo_huber_c(x[0].numel())
         return pseudo_huber(squared_distance(D_t, D_r), c) / (t - r)
 

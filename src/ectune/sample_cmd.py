@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ectune.checkpoint import atomic_write, load_model
+from ectune.checkpoint import ModelInfo, atomic_write, load_model
 from ectune.config import SampleConfig
 from ectune.errors import ConfigError, UserError
 from ectune.images import grid, save_png, save_scatter
+from ectune.precond import Denoiser
 from ectune.preview import generate
 from ectune.sampling import SIGMA_MAX, consistency_levels, seed_labels, to_uint8
 from ectune.training import resolve_device
@@ -46,14 +47,15 @@ def checked_levels(sigmas, steps: int, mid_sigma: float) -> list[float]:
 
 
 @torch.no_grad()
-def sample_images(cfg: SampleConfig) -> tuple[torch.Tensor, dict]:
-    """float64 samples (N, ...) for seeds seed .. seed+N-1, generated in batches of cfg.batch."""
+def sample_images(cfg: SampleConfig, loaded: tuple[Denoiser, ModelInfo] | None = None) -> tuple[torch.Tensor, dict]:
+    """float64 samples (N, ...) for seeds seed .. seed+N-1, generated in batches of cfg.batch.
+    ``loaded``: cfg.model already loaded on cfg.device (callers that sample it batch by batch)."""
     if cfg.num_images <= 0:
         raise ConfigError(f"num_images must be positive, got {cfg.num_images}")
     if cfg.batch <= 0:
         raise ConfigError(f"batch must be positive, got {cfg.batch}")
     device = resolve_device(cfg.device)
-    denoiser, info = load_model(cfg.model, device=device)
+    denoiser, info = loaded if loaded is not None else load_model(cfg.model, device=device)
     method, steps = resolve_method(cfg, info.method)
     sigmas = checked_levels(cfg.sigmas, steps, info.mid_sigma) if method == "consistency" else None
     if info.label_dim and cfg.class_label is not None and not 0 <= cfg.class_label < info.label_dim:

@@ -3,13 +3,16 @@
 Progress is counted in images (``nimg``). Every random number of a step comes from a generator
 seeded with (seed, nimg, micro-batch index), and the data order is a pure function of (seed, nimg),
 so a resumed run replays exactly the stream an uninterrupted one would have seen, and the result
-does not depend on how micro-batches are spread over processes (world size x accumulation).
+does not depend on how micro-batches are spread over processes (world size x accumulation). Bit for
+bit on a CPU; on a GPU, cuDNN's nondeterministic kernels (and its choice of kernel by batch size)
+leave last-bit differences (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -44,11 +47,17 @@ DATA_ON_DEVICE_BYTES = 4 << 30
 # Process group and device.
 
 
+PG_TIMEOUT = datetime.timedelta(hours=1)
+"""How long a collective waits: rank 0 alone writes previews, evaluates and saves while the others wait
+in the next collective (NCCL's own default, 10 minutes, can be shorter than a large evaluation)."""
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owned: bool = False  # the process group was created here (and is destroyed when training ends)
 
     @property
     def is_main(self) -> bool:
@@ -56,18 +65,28 @@ class Dist:
 
 
 def init_distributed(device: str) -> Dist:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA, or the
+    backend named by ECTUNE_DIST_BACKEND, e.g. "cuda:gloo" to run two processes on one GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owned = not dist.is_initialized()
+    if owned:
+        on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        backend = os.environ.get("ECTUNE_DIST_BACKEND") or ("nccl" if on_cuda else "gloo")
+        if backend == "nccl" and device.startswith("cuda:"):
+            raise ConfigError(f"--device {device} puts every process on one GPU, which NCCL refuses: use --device "
+                              f"cuda (each process takes the GPU of its LOCAL_RANK)")
+        if on_cuda:  # collectives without a device (barrier) run on the current one: make it this rank's
+            torch.cuda.set_device(resolve_device(device, local_rank))
         store = _attempt_store(world)
         if store is None:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=PG_TIMEOUT)
         else:
-            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world)
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                    timeout=PG_TIMEOUT)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owned=owned)
 
 
 def _attempt_store(world: int) -> dist.Store | None:
@@ -87,16 +106,32 @@ def _attempt_store(world: int) -> dist.Store | None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of --device ``name`` ("auto": this process's GPU if there is one). A CUDA device also
+    turns TF32 off (:func:`exact_fp32`)."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
-    if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    elif name == "cuda":
+        device = torch.device(f"cuda:{local_rank}")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        exact_fp32()
+    return device
+
+
+def exact_fp32() -> None:
+    """fp32 stays fp32 on CUDA: no TF32 in convolutions (cuDNN's default) or matrix products. EDM
+    trains so, and ectune's reference features and cached teacher rows were made in exact fp32; TF32
+    changes a 35-step sample's pixels by up to 12 levels. bf16 runs use --precision bf16."""
+    # The legacy flags, which every torch since 1.7 reads: set through torch 2.13's new per-operator flags,
+    # the legacy getter (which other libraries may read) raises instead of answering.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def step_seed(seed: int, nimg: int, micro: int) -> int:
@@ -311,6 +346,15 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
             raise ConfigError(f"{Path(resume) / 'config.json'}: {e}") from None
         raise
     ddp = init_distributed(cfg.device)
+    try:
+        return _train(cfg, ddp, resume=resume, progress=progress, stop_after_nimg=stop_after_nimg)
+    finally:
+        if ddp.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, ddp: Dist, *, resume: str | None, progress: bool,
+           stop_after_nimg: int | None) -> TrainResult:
     device = resolve_device(cfg.device, ddp.local_rank)
     batch_gpu = cfg.batch_gpu or cfg.batch // ddp.world
     if cfg.batch % (batch_gpu * ddp.world):
@@ -627,7 +671,7 @@ def _save(run_dir: Path, cfg: TrainConfig, nimg: int, net: nn.Module, ema: EMAGr
 def _check_same_parameters(net: nn.Module) -> None:
     """All ranks must start from identical weights (checked once at start)."""
     flat = torch.cat([p.detach().float().flatten() for p in net.parameters()])
-    checksum = torch.stack([flat.sum(), flat.square().sum()]).cpu().double()
+    checksum = torch.stack([flat.sum(), flat.square().sum()]).double()  # on the device: NCCL takes no CPU tensors
     gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, checksum)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
