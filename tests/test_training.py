@@ -161,7 +161,20 @@ def test_nonfinite_loss_stops_with_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(losses.EDMLoss, "__call__", bad_loss)
     cfg = tiny_cfg(tmp_path, max_nonfinite_steps=3)
-    with pytest.raises(UserError, match="3 consecutive steps had a non-finite loss"):
+    # before the first checkpoint there is no state to name (the message claimed one: a docs audit found it)
+    with pytest.raises(UserError, match="3 consecutive steps had a non-finite loss.*no training state was saved"):
+        train(cfg, progress=False)
+    assert not list_states(cfg.run_dir)
+    monkeypatch.undo()
+    real = losses.EDMLoss.__call__
+
+    def bad_after_a_checkpoint(self, denoiser, x, labels, nimg, generator):
+        fault = bad_loss if nimg >= 256 else real
+        return fault(self, denoiser, x, labels, nimg, generator)
+
+    monkeypatch.setattr(losses.EDMLoss, "__call__", bad_after_a_checkpoint)
+    cfg = tiny_cfg(tmp_path / "later", max_nonfinite_steps=3)  # a state every 256 images
+    with pytest.raises(UserError, match=r"the last training state saved before it is .*training-state-0*256"):
         train(cfg, progress=False)
 
 

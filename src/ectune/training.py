@@ -505,8 +505,11 @@ def _train(cfg: TrainConfig, ddp: Dist, *, resume: str | None, progress: bool,
                 nonfinite_run += 1
                 log.text(f"non-finite loss or gradient at {nimg} images: step skipped ({nonfinite_run} in a row)")
                 if nonfinite_run >= cfg.max_nonfinite_steps:
-                    raise UserError(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient at {nimg} images: lower "
-                                    f"--optim.lr or use --precision fp32; the last good checkpoint is in {run_dir}")
+                    saved = list_states(run_dir)
+                    kept = (f"the last training state saved before it is {saved[-1][1]}" if saved else
+                            f"no training state was saved before it: start again in another --run-dir than {run_dir}")
+                    raise UserError(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient at {nimg} "
+                                    f"images: lower --optim.lr or use --precision fp32; {kept}")
             nimg += cfg.batch
             ema.update(net, nimg, cfg.batch)
             if bar is not None:
