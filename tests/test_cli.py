@@ -112,6 +112,10 @@ def test_help_explains_every_option():
     (["train-ict", "--preset", "toy2d", "--precond.train_scalings", "edm"], "--precond.train_scalings cm, or"),
     (["pretrain", "--preset", "toy2d", "--eval_every_nimg", "512", "--eval_metrics", "fid"],
      "do not apply to swissroll"),
+    # found by a docs audit: each was ignored, trained from scratch or tuned the teacher's network anyway
+    (["pretrain", "--preset", "toy2d", "--teacher", "builtin:mnist"], "starts from random weights and ignores"),
+    (["train-ict", "--preset", "toy2d", "--teacher", "builtin:mnist"], "drop --teacher"),
+    (["tune", "--network.name", "foo"], "tune takes the network from the teacher: drop --network.name"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     r = run_cli(*args, "--run-dir", str(tmp_path / "run"), "--no-progress", cwd=tmp_path)
@@ -130,6 +134,12 @@ def test_run_dir_that_is_a_file_and_resume_of_nothing(tmp_path):
     assert (tmp_path / "afile").read_text() == "keep me"
     r = run_cli("pretrain", "--resume", str(tmp_path / "nothing"), "--dry-run", cwd=tmp_path)
     assert r.returncode == 2 and "has no config.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # a model folder given for its run (it said "unknown config option 'format'")
+    from ectune.checkpoint import builtin_model
+
+    r = run_cli("tune", "--resume", str(builtin_model("mnist")), "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "is a model folder, not a run: resume the run folder" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_last_ect_stage_check_counts_the_last_step_not_the_total():
@@ -178,6 +188,7 @@ def test_missing_data_package_message(monkeypatch):
     (b"{nope", "not valid JSON"),
     (b"[1, 2]", "must hold a JSON object"),
     (b'{"seed": ' + b"9" * 5000 + b"}", "cannot read"),
+    (b'{"format": "ectune-model", "network": {}}', "describes a model folder, not a training run"),
 ])
 def test_bad_config_file_one_line_error(tmp_path, content, message):
     cfg = tmp_path / "cfg.json"

@@ -164,8 +164,13 @@ def resolve_train_config(args: argparse.Namespace, overrides: dict[str, Any]) ->
             raise UserError(f"config file {path} holds a value Python cannot read ({e})") from None
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a JSON object")
+        if "format" in data:
+            raise UserError(f"{path} describes a model folder, not a training run: pass a run's config.json")
         data.pop("method", None)
         cfg = C.from_dict(C.TrainConfig, data, base=cfg)
+    if args.method == "ect" and "network.name" in overrides:  # the architecture is the teacher's
+        raise UserError("tune takes the network from the teacher: drop --network.name (--network.kwargs may set "
+                        "options that keep its weights)")
     cfg = C.apply_overrides(cfg, overrides)
     C.validate(cfg)
     return cfg

@@ -47,9 +47,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    name: str = opt("songunet", "backbone: songunet or mlp")
+    name: str = opt("songunet", "backbone: songunet, edm2unet or mlp (tune: the teacher's)")
     kwargs: dict = opt({}, "constructor arguments of the backbone (EDM's names for songunet); for tune, laid over "
-                           "the teacher's (options that keep its weights, e.g. dropout_res)")
+                           "the teacher's (options that keep its weights, e.g. EDM2's dropout_res)")
     dropout: float | None = opt(None, "dropout probability; overrides kwargs and a teacher's value when set")
 
 
@@ -601,6 +601,9 @@ def validate(cfg: TrainConfig, *, new_run: bool = True) -> None:
         if wrong:
             raise ConfigError(f"eval_metrics {sorted(wrong)} do not apply to {cfg.data.name}: use "
                               + (f"{point} (2-D points)" if points else f"{image} (images)"))
+    if new_run and cfg.method != "ect" and cfg.teacher:  # trained from random weights, yet recorded
+        raise ConfigError(f"{cfg.method} training starts from random weights and ignores a teacher: drop --teacher "
+                          f"(ECT tuning from a teacher is `ectune tune`)")
     if cfg.method == "ect":
         if not cfg.teacher:
             raise ConfigError("ECT tuning needs a teacher: pass --teacher MODEL_DIR (a folder written by `ectune pretrain`)")

@@ -333,9 +333,13 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         if not saved.is_file():
             raise CheckpointError(f"{run_dir} has no config.json: pass the folder of a run to resume")
         try:
-            cfg = config_mod.from_dict(TrainConfig, json.loads(saved.read_text(encoding="utf-8")))
+            data = json.loads(saved.read_text(encoding="utf-8"))
         except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
             raise CheckpointError(f"{saved} is not valid JSON ({e})") from None
+        if isinstance(data, dict) and "format" in data:  # a model folder's config.json
+            raise CheckpointError(f"{run_dir} is a model folder, not a run: resume the run folder that holds it "
+                                  f"(e.g. {run_dir.parent})")
+        cfg = config_mod.from_dict(TrainConfig, data)
         states = list_states(run_dir)
         if not states:
             raise CheckpointError(f"{run_dir} holds no training state to resume from (checkpoints/training-state-*.pt)")
