@@ -126,6 +126,18 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["sample"], "the following arguments are required: model (see `ectune sample --help`)"),
+    (["export-ema", "RUN", "--nimg", "abc"], "argument --nimg: invalid int value: 'abc'"),
+    (["convert", "--method", "foo", "a", "b"], "argument --method: invalid choice: 'foo'"),
+])
+def test_argparse_errors_are_one_line_too(tmp_path, args, message):
+    """argparse printed its usage block before the error (a docs audit found it): one line, exit 2."""
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
 def test_run_dir_that_is_a_file_and_resume_of_nothing(tmp_path):
     (tmp_path / "afile").write_text("keep me")
     r = run_cli("pretrain", "--preset", "toy2d", "--batch", "64", "--total_nimg", "128", "--run-dir",
@@ -170,6 +182,20 @@ def test_teacher_that_is_not_a_checkpoint(tmp_path):
     r = run_cli("tune", "--preset", "toy2d", "--teacher", str(bogus), "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 2 and "not an ectune model config" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_teacher_that_is_a_consistency_model(tmp_path):
+    """`tune --teacher` took an ECT model silently (a docs audit found it): refused, nothing written."""
+    from ectune.checkpoint import ModelInfo, save_model
+    from ectune.networks import build_network
+
+    kw = {"dim": 2, "hidden_dim": 16, "num_blocks": 1}
+    save_model(tmp_path / "ecm", build_network("mlp", **kw), ModelInfo("mlp", kw, 0.5, "cm", 0.002, "ect", (2,), 0,
+                                                                        0.821, {}))
+    r = run_cli("tune", "--preset", "toy2d", "--teacher", str(tmp_path / "ecm"), "--run-dir", str(tmp_path / "run"),
+                cwd=tmp_path)
+    assert r.returncode == 2 and "is a consistency model (method ect): tune a diffusion model" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_missing_data_package_message(monkeypatch):

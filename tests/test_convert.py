@@ -459,6 +459,11 @@ def test_missing_and_non_pickle_files(tmp_path):
     with pytest.raises(CheckpointError) as err:
         convert_checkpoint(text, tmp_path / "out")
     _assert_one_line(err)
+    png = tmp_path / "grid.png"  # it was said to use "persistent ids (a torch.save archive?)"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
+    with pytest.raises(CheckpointError, match="grid.png is not a network pickle .it does not start as one.") as err:
+        convert_checkpoint(png, tmp_path / "out")
+    _assert_one_line(err)
     torch.save({"w": torch.zeros(2)}, tmp_path / "state.pt")
     with pytest.raises(CheckpointError, match="zip archive .as torch.save writes.") as err:
         convert_checkpoint(tmp_path / "state.pt", tmp_path / "out")

@@ -22,7 +22,7 @@ from ectune import evaluate as E
 from ectune.checkpoint import ModelInfo, save_model
 from ectune.cli import main
 from ectune.config import EvalConfig
-from ectune.errors import ConfigError
+from ectune.errors import ConfigError, UserError
 from ectune.metrics.encoders import default_inception_path
 from ectune.networks import build_network
 from ectune.training import train
@@ -170,6 +170,10 @@ def test_model_single_sweep_and_out_file(tmp_path, image_model):
     for row in res["results"]:
         assert {"fid", "kid", "kid_std", "precision", "recall", "sample_img_per_s", "encode_img_per_s"} <= set(row)
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(res["results"]))
+    kept = out.read_bytes()  # an existing --out is refused before any work (it was silently overwritten)
+    with pytest.raises(UserError, match="res.json already exists: choose another --out"):
+        E.evaluate(_cfg(tmp_path, image_model, num_images=4, out=str(out)), encoder=enc, progress=False)
+    assert out.read_bytes() == kept
     # samples do not depend on the batch they are generated in
     a = E.evaluate(_cfg(tmp_path, image_model, num_images=40, batch=7), encoder=enc, progress=False)
     assert a["results"][0]["fid"] == pytest.approx(res["results"][1]["fid"], rel=1e-9)

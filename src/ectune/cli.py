@@ -1,9 +1,10 @@
 """The ``ectune`` command line: pretrain, tune, train-ict, sample, eval, plot, convert, export-ema,
 export-diffusers.
 
-Every config option is a flag named by its dotted key (``--ect.q 4``, ``--optim.lr 2e-4``,
-``--network.kwargs.model_channels 32``); ``--config FILE`` reads a JSON config first; ``--dry-run``
-prints the resolved config and exits. Bad input prints one line ``error: ...`` and exits with 2.
+Every option of the training commands is a flag named by its dotted config key (``--ect.P_mean -0.8``,
+``--optim.lr 2e-4``, ``--network.kwargs.model_channels 32``); there ``--config FILE`` reads a JSON config
+first and ``--dry-run`` prints the resolved config and exits. Bad input prints one line ``error: ...``
+and exits with 2.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ TRAIN_HELP = {
     "tune": "turn a pretrained diffusion model into a consistency model with ECT",
     "train-ict": "train a consistency model from scratch with iCT",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with ectune's one-line errors: ``error: ...`` and where to look, exit code 2 (argparse
+    prints its usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -69,7 +78,7 @@ def _collect_overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ectune", description=__doc__, formatter_class=_HelpFormatter)
+    parser = _Parser(prog="ectune", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"ectune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
         _add_config_flags(p, C.preset("mnist", method), skip={"method", "preset"})
         p.set_defaults(method=method, handler=_cmd_train)
-    p = sub.add_parser("convert", help="convert an EDM / EDM2 / official ECT network pickle into a model folder, "
-                                       "without executing code from the file", formatter_class=_HelpFormatter)
-    p.add_argument("src", help="network pickle (.pkl) of EDM, EDM2 or the official ECT code")
+    p = sub.add_parser("convert", help="convert an EDM / EDM2 / official ECT network pickle, or a diffusers UNet "
+                                       "folder, into a model folder, without executing code from the file",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("src", help="network pickle (.pkl) of EDM, EDM2 or the official ECT code, or a diffusers folder "
+                               "(UNet2DModel with its scheduler)")
     p.add_argument("dest", help="new (or empty) folder for model.safetensors + config.json")
     p.add_argument("--method", choices=["edm", "ect"], default=None,
                    help="what the network is: a diffusion model (edm) or a consistency model (ect); default: "

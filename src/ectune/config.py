@@ -37,7 +37,7 @@ METHODS = ("edm", "ect", "ict")
 @dataclass(frozen=True)
 class DataConfig:
     name: str = opt("mnist", "dataset: mnist, fashion-mnist, digits, swissroll, 8gaussians, moons, checkerboard, "
-                             "or a folder / .zip of PNGs / .npz file")
+                             "or the path of a folder / .zip of PNGs / .npz file (a bare folder name as ./NAME)")
     path: str | None = opt(None, "path of a folder, .zip or .npz (when name is not a built-in dataset)")
     split: str = opt("train", "dataset split (train, val, test, all)")
     use_labels: bool = opt(False, "train class-conditional on the dataset's labels")
@@ -139,7 +139,8 @@ class SampleConfig:
     seed: int = opt(0, "first seed: image j uses seed + j")
     batch: int = opt(256, "images per batch (results do not depend on it)")
     class_label: int | None = opt(None, "class for conditional models (None = seed mod the number of classes)")
-    out: str = opt("samples.png", "output: .png grid or .npz of uint8 images")
+    out: str = opt("samples.png", "output: .png grid or .npz of uint8 images (2-D models: a scatter plot, or "
+                                  "float32 points)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     renoise: str = opt("ect", "consistency re-noising: ect (tau z) or ict (sqrt(tau^2 - sigma_min^2) z)")
     S_churn: float = opt(0.0, "EDM stochasticity S_churn (heun / euler)")

@@ -415,6 +415,8 @@ def evaluate(cfg: EvalConfig, *, encoder: Encoder | None = None, progress: bool 
         raise ConfigError(f"unknown encoder {cfg.encoder!r}: use inception_v3 or dinov2")
     if cfg.out is not None and not cfg.out.endswith(".json"):
         raise ConfigError(f"--out must end in .json, got {cfg.out}")
+    if cfg.out is not None and Path(cfg.out).exists():  # checked before the slow part, and nothing is overwritten
+        raise UserError(f"{cfg.out} already exists: choose another --out or delete it")
     if not cfg.source:
         raise ConfigError("name what to evaluate: a model folder, or a folder / .zip / .npz of images")
     src = resolve_model_folder(cfg.source) if cfg.source.startswith(BUILTIN_PREFIX) else Path(cfg.source)

@@ -162,7 +162,12 @@ def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, Model
     shape = tuple(data.shape)
     if cfg.method == "ect":
         # the teacher's architecture, with --network.kwargs on top for options that keep its weights (dropout_res)
-        overrides = teacher_overrides(cfg, read_model_info(cfg.teacher).network)
+        described = read_model_info(cfg.teacher)
+        if described.method != "edm":
+            raise UserError(f"the teacher {cfg.teacher} is a consistency model (method {described.method}): tune a "
+                            f"diffusion model (from `ectune pretrain` or `ectune convert`); to train this one further, "
+                            f"resume its run")
+        overrides = teacher_overrides(cfg, described.network)
         teacher, tinfo = load_model(cfg.teacher, dropout=cfg.network.dropout, overrides=overrides)
         if tinfo.data_shape != shape:
             raise DataError(f"the teacher {cfg.teacher} was trained on data of shape {list(tinfo.data_shape)} but "

@@ -371,9 +371,13 @@ def load_pickle(path: str | Path) -> Any:
         raise CheckpointError(f"{path} is not a file: pass an EDM / EDM2 / ECT network pickle (.pkl)")
     try:
         with open(path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":
+            head = f.read(4)
+            if head == b"PK\x03\x04":
                 raise CheckpointError(f"{path} is a zip archive (as torch.save writes), not a network pickle: pass "
                                       "the .pkl snapshot EDM, EDM2 or ECT training wrote")
+            if head[:1] != b"\x80":  # PROTO: every pickle of protocol 2 or later (EDM, EDM2 and ECT write 4+)
+                raise CheckpointError(f"{path} is not a network pickle (it does not start as one): pass the .pkl "
+                                      "snapshot EDM, EDM2 or ECT training wrote")
             f.seek(0)
             return _unpickle(f, str(path))
     except OSError as e:
