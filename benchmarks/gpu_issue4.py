@@ -7,13 +7,14 @@ On the device machine its python3 holds CUDA torch and every ectune dependency; 
 bare `mnist` package folder (the Inception weights are too large to travel, so FIDs are measured here):
 
     python benchmarks/gpu_issue4.py --prepare          # here, once: .gpu/site/mnist/data/mnist.pkl.gz
-    # device run, carry [".gpu"], timeout_s 600 (startup and packing included, about 8 minutes):
+    # device run, carry [".gpu"], timeout_s 600 (start-up, checks and packing included: about 8 minutes):
     PYTHONPATH=src:.gpu/site python3 benchmarks/gpu_issue4.py --out $OUT --train-seconds 330
 
-It first trains every recipe in RECIPES side by side for --probe-nimg images to measure the
-images/s they get together, then sizes the real runs to --train-seconds, trains them side by side,
-and writes to --out one uncompressed tar per recipe (config.json, stats.jsonl, log.txt and the
-exported model/, about 13 MB) and summary.json. The FIDs are then measured here, on the CPU:
+It first checks the CUDA paths (:func:`smoke`, about a minute), then trains every recipe in RECIPES
+side by side for --probe-nimg images to measure the images/s they get together, sizes the real runs
+to --train-seconds, trains them side by side, and writes to --out one uncompressed tar per recipe
+(config.json, stats.jsonl, log.txt and the exported model/, about 13 MB) and summary.json. The FIDs
+are then measured here, on the CPU:
 
     python benchmarks/gpu_issue4.py --unpack FILES_AT --runs runs/gpu-issue4
     python benchmarks/tune_targets.py runs/gpu-issue4/NAME --num_images 5000
@@ -82,6 +83,64 @@ def train_side_by_side(args: argparse.Namespace, names: list[str], nimg: int, ro
     return rates
 
 
+def smoke(args: argparse.Namespace, root: Path) -> dict:
+    """ectune's first run on a GPU, before the long runs: a short ECT tune in fp32 (uninterrupted, twice,
+    and stopped then resumed) and bf16, 1- and 2-step sampling, and 2 processes on the one GPU
+    (torchrun, ECTUNE_DIST_BACKEND=cuda:gloo, as NCCL refuses two ranks on one GPU). Returns what it
+    measured; a failure stops the script (the long runs would fail too)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ectune import config as C
+    from ectune.config import SampleConfig
+    from ectune.sample_cmd import sample_images
+    from ectune.training import train
+
+    def cfg(name: str, **over) -> C.TrainConfig:
+        base = {"device": args.device, "batch": 64, "total_nimg": 512, "ect.stage_nimg": 128, "report_num_images": 0,
+                "checkpoint_every_nimg": 256, "log_every_nimg": 128, "run_dir": str(root / name)}
+        return C.apply_overrides(C.preset("mnist", "ect"), {**base, **over})
+
+    def weights(run) -> dict:
+        return load_file(str(Path(run.model_dir) / "model.safetensors"))
+
+    def max_diff(a: dict, b: dict) -> float:
+        return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+    t0 = time.perf_counter()
+    first, second = train(cfg("fp32-a"), progress=False), train(cfg("fp32-b"), progress=False)
+    train(cfg("fp32-part"), progress=False, stop_after_nimg=256)
+    resumed = train(C.TrainConfig(), resume=str(root / "fp32-part"), progress=False)
+    bf16 = train(cfg("bf16", precision="bf16"), progress=False)
+    out = {"fp32_rerun_max_abs_diff": max_diff(weights(first), weights(second)),
+           "fp32_resume_max_abs_diff": max_diff(weights(first), weights(resumed)),
+           "bf16_vs_fp32_max_abs_diff": max_diff(weights(first), weights(bf16)),
+           "finite": all(bool(torch.isfinite(v).all()) for run in (first, bf16) for v in weights(run).values())}
+    for steps in (1, 2):
+        x, _ = sample_images(SampleConfig(model=str(first.model_dir), steps=steps, num_images=256, batch=256,
+                                          device=args.device))
+        out[f"sample_{steps}step_finite"] = bool(torch.isfinite(x).all())
+    on_gpu = args.device.startswith("cuda")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ectune",
+              "tune", "--device", "cuda:0" if on_gpu else args.device, "--batch", "64", "--total_nimg", "256",
+              "--ect.stage_nimg", "64",
+              "--report_num_images", "0", "--checkpoint_every_nimg", "0", "--no-progress",
+              "--run-dir", str(root / "ddp")]
+    env = {**os.environ, "ECTUNE_DIST_BACKEND": "cuda:gloo"} if on_gpu else dict(os.environ)
+    ddp = subprocess.run(launch, capture_output=True, text=True, env=env)
+    if ddp.returncode != 0:
+        fail("2 processes on one GPU failed: " + " | ".join(ddp.stdout.strip().splitlines()[-3:]
+                                                             + ddp.stderr.strip().splitlines()[-5:]))
+    single = train(cfg("single-256", total_nimg=256, **{"ect.stage_nimg": 64, "checkpoint_every_nimg": 0}),
+                   progress=False)
+    out["ddp_vs_one_process_max_abs_diff"] = max_diff(weights(single), load_file(str(root / "ddp" / "model" /
+                                                                                    "model.safetensors")))
+    out["smoke_s"] = time.perf_counter() - t0
+    if not (out["finite"] and out["sample_1step_finite"] and out["sample_2step_finite"]):
+        fail(f"non-finite weights or samples on {args.device}: {json.dumps(out)}")
+    return out
+
+
 def pack(root: Path, name: str, out: Path) -> Path:
     """One tar of what the measurement here needs: config, stats, log and the exported model."""
     dest = out / f"{name}.tar"
@@ -131,6 +190,7 @@ def main() -> None:
     ap.add_argument("--probe-nimg", type=int, default=25_600, help="images per recipe in the sizing run")
     ap.add_argument("--train-seconds", type=float, default=330.0, help="wall time the real runs should take")
     ap.add_argument("--work", default="runs/gpu-issue4-work", help="scratch folder for the run folders")
+    ap.add_argument("--no-smoke", action="store_true", help="skip the first short checks of the CUDA paths")
     ap.add_argument("--prepare", action="store_true", help="instead: put MNIST where the device run finds it (.gpu/)")
     ap.add_argument("--unpack", metavar="FILES", help="instead: extract a device run's tars into --runs")
     ap.add_argument("--runs", default="runs/gpu-issue4", help="with --unpack: where the runs go")
@@ -154,6 +214,8 @@ def main() -> None:
     probe_nimg = max(unit, args.probe_nimg // unit * unit)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    checks = smoke(args, work / "smoke") if not args.no_smoke else None
+    print(json.dumps({"smoke": checks}), flush=True)
     rates = train_side_by_side(args, names, probe_nimg, work / "probe")
     rate = min(rates.values())  # images/s of the slowest run, all running together
     nimg = max(unit, int(rate * args.train_seconds) // unit * unit)
@@ -161,7 +223,7 @@ def main() -> None:
     rates = train_side_by_side(args, names, nimg, work / "main")
     tars = [str(pack(work / "main", name, out)) for name in names]
     recipes = {n: {"stages": RECIPES[n][0], "flags": RECIPES[n][1]} for n in names}
-    summary = {"nimg": nimg, "batch": args.batch, "recipes": recipes, "img_per_s": rates,
+    summary = {"smoke": checks, "nimg": nimg, "batch": args.batch, "recipes": recipes, "img_per_s": rates,
                "total_s": time.perf_counter() - t0, "tars": tars}
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     print(json.dumps(summary))
