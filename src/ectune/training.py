@@ -128,8 +128,8 @@ def exact_fp32() -> None:
     """fp32 stays fp32 on CUDA: no TF32 in convolutions (cuDNN's default) or matrix products. EDM
     trains so, and ectune's reference features and cached teacher rows were made in exact fp32; TF32
     changes a 35-step sample's pixels by up to 12 levels. bf16 runs use --precision bf16."""
-    # The legacy flags, which every torch since 1.7 reads: set through torch 2.13's new per-operator flags,
-    # the legacy getter (which other libraries may read) raises instead of answering.
+    # The legacy flags, which every torch since 1.7 reads. Set through torch >= 2.9's per-operator flags
+    # instead, reading the legacy ones afterwards (as other libraries may) raises a RuntimeError.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
