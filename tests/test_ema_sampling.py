@@ -370,3 +370,76 @@ def test_edm_sampler_rejects_unknown_solver():
 def test_nfe():
     assert [sampling.nfe("heun", n) for n in (1, 18, 40)] == [1, 35, 79]
     assert sampling.nfe("euler", 18) == 18 and sampling.nfe("consistency", 2) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Gaps a mutation audit found (each test fails under the mutation named in it).
+
+
+def test_an_ema_group_updates_every_member_as_alone():
+    """EMAGroup.update reaching only its first member went unnoticed: each member of a group must end
+    where the same EMA, updated on its own, ends."""
+    net = TinyNet(0.0)
+    group = EMAGroup([FixedEMA(net, 0.9), FixedEMA(net, 0.5), PowerFunctionEMA(net, (0.05, 0.1))])
+    alone = [FixedEMA(net, 0.9), FixedEMA(net, 0.5), PowerFunctionEMA(net, (0.05, 0.1))]
+    for step in range(1, 6):
+        net.fill(float(step))
+        group.update(net, step * 4, 4)
+        for ema in alone:
+            ema.update(net, step * 4, 4)
+    expected = {name: params(m) for ema in alone for name, m in ema.nets().items()}
+    got = {name: params(m) for name, m in group.nets().items()}
+    assert got.keys() == expected.keys() and len(got) == 4
+    for name in got:
+        assert torch.equal(got[name], expected[name]), name
+        assert not torch.equal(got[name], params(TinyNet(0.0))), name  # every member moved
+
+
+def test_check_finite_catches_a_single_nan_or_inf():
+    x = torch.zeros(3, 1, 2, 2)
+    assert sampling.check_finite(x) is x
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 0, 1, 0] = bad
+        with pytest.raises(Exception, match="NaN or inf"):
+            sampling.check_finite(y)
+
+
+def test_to_uint8_is_edms_quantisation():
+    """-1, 0, 1 -> 0, 128, 255, and x * 127.5 + 127.5 rounded half up on a fine grid (a +127.5 offset
+    in place of EDM's +128 survived every other test)."""
+    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 1.5]).view(5, 1, 1, 1)
+    assert sampling.to_uint8(x).flatten().tolist() == [0, 0, 128, 255, 255]
+    grid = torch.linspace(-1, 1, 100_001, dtype=torch.float64).view(-1, 1, 1, 1)
+    expected = torch.floor(grid * 127.5 + 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+    assert torch.equal(sampling.to_uint8(grid), expected)
+
+
+class _Spy:
+    """A denoiser that records the noise levels it is called at and returns zeros."""
+
+    def __init__(self) -> None:
+        self.sigmas: list[float] = []
+
+    def __call__(self, x, sigma, labels=None):
+        self.sigmas.append(float(sigma.flatten()[0]))
+        return torch.zeros_like(x)
+
+
+def test_consistency_sampling_starts_at_the_first_level_and_refuses_non_positive_ones():
+    spy = _Spy()
+    noise = sampling.PerImageNoise([0, 1], (2,))
+    sampling.consistency_sample(spy, noise, [40.0, 0.5])
+    assert spy.sigmas == [40.0, 0.5]
+    for levels in ([80.0, 0.0], [80.0, -1.0], [0.0]):
+        with pytest.raises(ConfigError, match="decrease and stay positive"):
+            sampling.consistency_sample(spy, sampling.PerImageNoise([0], (2,)), levels)
+
+
+def test_churn_applies_at_s_min_itself():
+    """EDM's churn window is S_min <= t <= S_max, both ends included."""
+    t = schedules.edm_sampling_sigmas(4).tolist()
+    spy = _Spy()
+    sampling.edm_sample(spy, sampling.PerImageNoise([0], (2,)), 4, S_churn=1.0, S_min=t[1], S_max=t[1])
+    gamma = min(1.0 / 4, math.sqrt(2.0) - 1.0)
+    assert spy.sigmas[0] == pytest.approx(t[0]) and spy.sigmas[2] == pytest.approx(t[1] * (1 + gamma))

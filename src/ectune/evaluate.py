@@ -108,6 +108,7 @@ def dataset_id(name: str, path: str | None, split: str) -> str:
     where = path or (name if name not in (*TOY_DATASETS, "mnist", "fashion-mnist", "digits") else None)
     if where is None:
         return f"{name}-{split}"
+    where = where.removeprefix("folder:")  # "folder:DIR" is DIR (it resolved inside the current folder)
     loc = hashlib.sha256(str(Path(where).expanduser().resolve()).encode()).hexdigest()[:8]
     return f"{Path(where).name or name}-{loc}-{split}"
 
@@ -385,7 +386,14 @@ def results_name(results: dict[str, Any]) -> str:
         what += f"-class{results['class_label']}"
     if results.get("seed"):
         what += f"-seed{results['seed']}"
-    enc = results["encoder"]["name"] if results["encoder"] else "points"
+    # the metrics and the reference size, where not the defaults (all that apply; as many as samples)
+    enc_name = results["encoder"]["name"] if results["encoder"] else None
+    every = [metric_key(m, enc_name) for m in (IMAGE_METRICS if enc_name else POINT_METRICS)]
+    if results.get("metrics") and list(results["metrics"]) != every:
+        what += "-" + "_".join(results["metrics"])
+    if results["data"].get("num_images") not in (None, results["num_images"]):
+        what += f"-ref{results['data']['num_images']}"
+    enc = enc_name or "points"
     return f"{what}-{results['data']['id']}-{enc}-n{results['num_images']}.json"
 
 

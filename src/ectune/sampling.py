@@ -138,5 +138,6 @@ def check_finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, C, H, W), as EDM saves them: round(x * 127.5 + 128) clipped."""
+    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, C, H, W), as EDM saves them: x * 127.5 + 128 clipped to
+    [0, 255] and truncated, which is x * 127.5 + 127.5 rounded half up (-1, 0, 1 -> 0, 128, 255)."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
