@@ -158,6 +158,32 @@ def test_kid_is_seeded():
     assert a != c
 
 
+def test_kid_matches_a_loop_over_the_same_seeded_subsets_with_population_std():
+    """KID draws a fresh subset of each side per estimate (gen first, then ref, from one generator seeded
+    with 0), caps the subset size at both set sizes, and reports the population std of the estimates."""
+    g = rng(18)
+    x, y = g.standard_normal((40, 3)), g.standard_normal((30, 3)) + 0.3
+
+    def expected(subsets: int, size: int) -> tuple[float, float]:
+        gen = torch.Generator().manual_seed(0)
+        m = min(size, len(x), len(y))
+        est = []
+        for _ in range(subsets):
+            xs = x[torch.randperm(len(x), generator=gen)[:m].numpy()]
+            ys = y[torch.randperm(len(y), generator=gen)[:m].numpy()]
+            kxx, kyy, kxy = ((a @ b.T / 3 + 1) ** 3 for a, b in ((xs, xs), (ys, ys), (xs, ys)))
+            est.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                       - 2 * kxy.mean())
+        return float(np.mean(est)), float(np.std(est, ddof=0))
+
+    for size in (12, 35):  # 35: more than N_ref = 30 rows, so the cap is the reference size
+        got = kernel_inception_distance(x, y, num_subsets=4, subset_size=size)
+        mean, std = expected(4, size)
+        assert std > 0
+        assert got.mean == pytest.approx(mean, rel=1e-9, abs=1e-12)
+        assert got.std == pytest.approx(std, rel=1e-9)
+
+
 # ------------------------------------------------------------------------------------------------
 # Precision and recall
 
@@ -195,6 +221,15 @@ def test_precision_recall_identical_and_far_apart():
     assert same.precision == 1.0 and same.recall == 1.0
     far = precision_recall(x + 100.0, x)
     assert far.precision == 0.0 and far.recall == 0.0
+
+
+def test_precision_recall_of_a_set_with_duplicates_against_itself_is_one():
+    """Each point repeated k + 1 times has k-NN radius 0; it still lies on its own manifold (||d|| <= radius)."""
+    base = rng(19).integers(-5, 6, size=(6, 4)).astype(np.float64)  # integers: the distances are exact
+    x = np.repeat(base, 4, axis=0)
+    assert (knn_radii_squared(torch.from_numpy(x), 3) == 0).all()
+    same = precision_recall(x, x.copy(), k=3)
+    assert same.precision == 1.0 and same.recall == 1.0
 
 
 def test_precision_recall_partial_overlap():
@@ -294,6 +329,19 @@ def test_compute_metrics_ties_the_metrics_together():
     assert set(shifted) == {"fid"} and shifted["fid"] == pytest.approx(6.0, rel=1e-9)
     with pytest.raises(ValueError, match="unknown metrics"):
         compute_metrics(ref, ref, metrics=("is",))
+
+
+def test_compute_metrics_reports_recall_as_recall_and_precision_as_precision():
+    """On unequal sets (a tight cluster inside the reference spread) precision and recall differ, and
+    compute_metrics passes each one through from precision_recall under its own name."""
+    g = rng(20)
+    ref = g.standard_normal((300, 4))
+    gen = g.standard_normal((200, 4)) * 0.1
+    pr = precision_recall(gen, ref, k=3)
+    assert pr.precision == 1.0 and pr.recall < 0.5
+    out = compute_metrics(gen, ref, metrics=("precision", "recall"))
+    assert out == {"precision": pr.precision, "recall": pr.recall}
+    assert compute_metrics(gen, ref, metrics=("recall",)) == {"recall": pr.recall}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,6 +469,55 @@ def test_dinov2_without_usable_weights_is_a_user_error(tmp_path):
         DINOv2Encoder(state_dict)
     with pytest.raises(UserError, match="unknown encoder"):
         get_encoder("clip")
+
+
+def _inception_preprocessor(memory_format: torch.memory_format = torch.channels_last) -> InceptionV3Encoder:
+    """An InceptionV3Encoder with no network loaded: enough to call its preprocess without the weights."""
+    enc = InceptionV3Encoder.__new__(InceptionV3Encoder)
+    enc.memory_format = memory_format
+    return enc
+
+
+def test_inception_preprocess_rounds_the_resized_image_to_uint8_values():
+    """After the TF1 bilinear resize the image is rounded and clamped back to uint8 values before (x - 128) / 128."""
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    x = _inception_preprocessor().preprocess(images)
+    assert x.shape == (2, 3, 299, 299) and x.dtype == torch.float32
+    values = x * 128.0 + 128.0  # exact: 128 is a power of two
+    unrounded = tf_bilinear_resize(images.float(), (299, 299))
+    assert not torch.equal(unrounded, unrounded.round())  # so the check below can fail
+    assert torch.equal(values, values.round())
+    assert values.min() >= 0 and values.max() <= 255
+    assert (values - unrounded).abs().max() <= 0.5
+    # A constant image of any size gives its per-channel constants exactly.
+    const = torch.tensor([0, 77, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 40, 30).contiguous()
+    got = _inception_preprocessor().preprocess(const)
+    assert torch.equal(got, ((torch.tensor([0.0, 77.0, 255.0]) - 128) / 128).view(1, 3, 1, 1).expand_as(got))
+
+
+def test_dinov2_preprocess_is_antialiased_bicubic_then_imagenet_normalised(tmp_path):
+    """DINOv2 preprocessing: x / 255, bicubic resize with antialiasing to 224, then (x - mean) / std per channel."""
+    enc = DINOv2Encoder(_tiny_torchscript(tmp_path), progress=False)
+    mean = torch.tensor(DINOv2Encoder.mean).view(1, 3, 1, 1)
+    std = torch.tensor(DINOv2Encoder.std).view(1, 3, 1, 1)
+    # A constant image stays constant under any normalised resize: the ImageNet normalisation of its values.
+    values = torch.tensor([10.0, 128.0, 250.0]).view(1, 3, 1, 1)
+    const = values.to(torch.uint8).expand(2, 3, 40, 56).contiguous()
+    assert torch.allclose(enc.preprocess(const), ((values / 255 - mean) / std).expand(2, 3, 224, 224), atol=1e-5)
+    # Down- and upsampling match torch's antialiased bicubic, which bilinear or non-antialiased bicubic do not.
+    gen = torch.Generator().manual_seed(3)
+    for size in ((300, 260), (64, 64)):
+        images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=gen)
+
+        def resized(mode: str, antialias: bool) -> torch.Tensor:
+            x = torch.nn.functional.interpolate(images.float() / 255, size=(224, 224), mode=mode, antialias=antialias,
+                                                align_corners=False)
+            return (x - mean) / std
+
+        got = enc.preprocess(images)
+        assert torch.allclose(got, resized("bicubic", True), atol=1e-5)
+        assert not torch.allclose(got, resized("bilinear", True), atol=1e-3)
+        assert not torch.allclose(got, resized("bicubic", False), atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -585,6 +682,18 @@ def test_features_agree_admits_float16_rounding_not_other_images():
     assert not features_agree(feats, feats[::-1])
     assert not features_agree(feats * 1.01, feats)
     assert not features_agree(feats[:8], feats)
+
+
+def test_features_agree_needs_every_row_to_agree():
+    """One row of many off by more than the tolerance is enough for features_agree to say no."""
+    from ectune.metrics.store import features_agree
+
+    feats = np.abs(rng(21).normal(size=(16, 64))).astype(np.float32)
+    assert features_agree(feats.copy(), feats)
+    for row in (0, 7, 15):
+        changed = feats.copy()
+        changed[row] *= 1.01
+        assert not features_agree(changed, feats)
 
 
 # ------------------------------------------------------------------------------------------------
