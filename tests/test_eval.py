@@ -225,6 +225,15 @@ def test_eval_of_2d_models_writes_results_into_the_run(toy_runs, capsys):
     base = {**outs[0], "mode": "single"}
     names = [E.results_name({**base, **change}) for change in ({}, {"S_churn": 5.0}, {"class_label": 3})]
     assert len(set(names)) == 3 and "churn5" in names[1] and "class3" in names[2]
+    # nor do results of other metrics, of another reference size, or of close 2-step levels (an audit)
+    base = {**base, "encoder": {"name": "inception_v3"}, "metrics": ["fid", "kid", "precision", "recall"],
+            "num_images": 300, "data": {**base["data"], "num_images": 300}}
+    changes = ({}, {"metrics": ["kid"]}, {"data": {**base["data"], "num_images": 60000}},
+               {"results": [{**base["results"][0], "sigmas": [0.82]}]},
+               {"results": [{**base["results"][0], "sigmas": [0.821]}]})
+    names = [E.results_name({**base, **change}) for change in changes]
+    assert len(set(names)) == 5 and "-kid-" in names[1] and "-ref60000-" in names[2], names
+    assert names[0] == f"consistency-2steps-0.5-{base['data']['id']}-inception_v3-n300.json"
     assert main(["eval", str(teacher), "--num-images", "500", "--steps", "6", "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "heun" in table and "11" in table and "sw" in table and "results:" in table
@@ -535,6 +544,17 @@ def test_eval_loads_the_model_once_and_its_batches_equal_one_call(tmp_path, imag
     assert len(loads) == 1 and x.shape[0] == 7
     whole, _ = sample_images(SampleConfig(model=str(tmp_path / "m"), steps=2, num_images=7, seed=5, batch=7))
     assert torch.equal(x, to_uint8(whole))
+
+
+def test_a_folder_datasets_cache_name_does_not_depend_on_the_current_folder(tmp_path, monkeypatch):
+    """"folder:DIR" was resolved as a path inside the current folder, so its reference cache missed from
+    anywhere else (an audit found it); it names the folder as DIR itself does."""
+    data = tmp_path / "imgs"
+    ids = []
+    for cwd in (tmp_path, Path("/")):
+        monkeypatch.chdir(cwd)
+        ids.append((E.dataset_id(f"folder:{data}", None, "train"), E.dataset_id(str(data), None, "train")))
+    assert len({i for pair in ids for i in pair}) == 1 and ids[0][0].startswith("imgs-")
 
 
 def test_training_time_fid_on_images_through_the_loop(tmp_path, monkeypatch):
