@@ -147,6 +147,18 @@ def test_labels_required_and_validated(tmp_path: Path) -> None:
         load_dataset("folder:" + str(root), use_labels=True)
 
 
+def test_dataset_json_backslash_names_label_the_slash_named_files(tmp_path: Path) -> None:
+    """A dataset.json written on Windows ("00000\\a.png") labels 00000/a.png, in a folder and in a zip."""
+    root = tmp_path / "ds"
+    for name, seed in (("00000/a.png", 0), ("00000/b.png", 1), ("00001/c.png", 2)):
+        _save(root / name, _image(seed))
+    entries = [["00000\\a.png", 2], ["00000/b.png", 0], ["00001\\c.png", 5]]
+    (root / "dataset.json").write_text(json.dumps({"labels": entries}))
+    for name in ("folder:" + str(root), str(_zip_of(root, tmp_path / "ds.zip"))):
+        ds = load_dataset(name, use_labels=True)
+        assert ds.labels.tolist() == [2, 0, 5] and ds.label_dim == 6
+
+
 def test_corrupt_and_truncated_images_name_the_file(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     _edm_folder(root, n=3)
