@@ -244,3 +244,61 @@ def test_preview_and_metrics_a_kill_skipped_are_written_on_resume(tmp_path):
     final.rename(final.with_name("preview-000002kimg.png"))  # as runs before the exact names called it
     train(C.TrainConfig(), resume=str(part.run_dir), progress=False)
     assert not final.exists()  # the preview is there under its old name: not written again
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files (gaps a mutation audit found; each test fails under the mutation it names).
+
+
+def test_only_the_last_keep_states_remain(tmp_path):
+    """keep_checkpoints K prunes to the newest K states (pruning one too many or too few went unnoticed)."""
+    from ectune.checkpoint import save_state
+
+    for nimg in range(1, 6):
+        save_state(tmp_path, nimg * 64, {"nimg": nimg * 64}, keep=3)
+    assert [n for n, _ in list_states(tmp_path)] == [192, 256, 320]
+    save_state(tmp_path, 384, {"nimg": 384}, keep=0)  # 0 keeps all
+    assert [n for n, _ in list_states(tmp_path)] == [192, 256, 320, 384]
+    (tmp_path / "checkpoints" / "training-state-000000000448.pt.bak").write_bytes(b"")  # not a state
+    assert [n for n, _ in list_states(tmp_path)] == [192, 256, 320, 384]
+
+
+def test_a_model_folder_loads_only_when_its_weights_and_schema_fit(tmp_path):
+    """load_model is strict: a missing or an extra tensor, or a config of a newer schema, is refused with
+    a CheckpointError (strict=False and a dropped schema check survived every test)."""
+    from safetensors.torch import save_file
+
+    from ectune.checkpoint import ModelInfo, load_model, save_model
+    from ectune.errors import CheckpointError
+    from ectune.networks import build_network
+
+    kw = {"dim": 2, "hidden_dim": 8, "num_blocks": 1}
+    save_model(tmp_path / "m", build_network("mlp", **kw), ModelInfo("mlp", kw, 0.5, "edm", 0.002, "edm", (2,), 0,
+                                                                      0.821, {}))
+    load_model(tmp_path / "m")
+    weights = load_file(str(tmp_path / "m" / "model.safetensors"))
+    for broken in ({k: v for k, v in weights.items() if k != next(iter(weights))}, {**weights, "extra": torch.ones(1)}):
+        save_file(broken, str(tmp_path / "m" / "model.safetensors"))
+        with pytest.raises(CheckpointError, match="does not match the network in config.json"):
+            load_model(tmp_path / "m")
+    save_file(weights, str(tmp_path / "m" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "schema_version": 2}))
+    with pytest.raises(CheckpointError, match="schema_version 2, this ectune reads 1: upgrade ectune"):
+        load_model(tmp_path / "m")
+
+
+def test_run_relative_paths_come_back_unchanged_unless_found_from_the_start_folder(tmp_path, monkeypatch):
+    """A teacher recorded relative to the folder a run started in is found from elsewhere, and only
+    when the run folder ends in the recorded run_dir and the rebuilt path exists."""
+    from ectune.checkpoint import run_relative_path
+
+    (tmp_path / "proj" / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "proj" / "teachers" / "t").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "proj" / "runs" / "r1"
+    assert run_relative_path(run, "runs/r1", "teachers/t") == str(tmp_path / "proj" / "teachers" / "t")
+    assert run_relative_path(run, "other/r1", "teachers/t") == "teachers/t"  # the run folder is not runs/r1
+    assert run_relative_path(run, "runs/r1", "teachers/none") == "teachers/none"  # not there either
+    assert run_relative_path(run, "runs/r1", "builtin:mnist") == "builtin:mnist"
+    assert run_relative_path(run, None, "teachers/t") == "teachers/t"
