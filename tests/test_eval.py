@@ -437,6 +437,40 @@ def test_every_sampling_path_gives_a_seed_the_same_class(tmp_path, conditional_m
     assert read_entry(npz, js, expected, _TEACHER_KEYS, {"images": (6, 1, 8, 8)}) is not None
 
 
+def test_training_metrics_label_seeds_alike_and_see_nan_in_any_batch(conditional_model, monkeypatch):
+    """Training-time metrics sample seed s with class s mod label_dim, as every other path does, and
+    any non-finite batch makes the metrics NaN, not only the last one (both survived mutations)."""
+    from ectune import preview
+    from ectune.checkpoint import load_model
+    from ectune.sampling import seed_labels, to_uint8
+
+    den, info = load_model(conditional_model)
+    cfg = C.apply_overrides(C.preset("mnist", "ect"), {"eval_num_images": 6, "batch": 4, "preview.mid_sigma": 0.5})
+    seen = []
+
+    class Stub:
+        metrics = ("fid",)
+
+        def __call__(self, samples):
+            seen.append(samples)
+            return {"fid": 1.0}
+
+    assert E.training_metrics(den.net, info, cfg, torch.device("cpu"), evaluator=Stub())["fid"] == 1.0
+    direct = preview.generate(den, info, method="consistency", steps=2, sigmas=[0.5], seeds=list(range(6)),
+                              labels=seed_labels(range(6), 3))
+    assert (seen[0].int() - to_uint8(direct).int()).abs().max() <= 1
+    real, calls = preview.generate, []
+
+    def first_batch_nan(*args, **kwargs):
+        calls.append(1)
+        x = real(*args, **kwargs)
+        return x * float("nan") if len(calls) == 1 else x
+
+    monkeypatch.setattr(preview, "generate", first_batch_nan)
+    values = E.training_metrics(den.net, info, cfg, torch.device("cpu"), evaluator=Stub())
+    assert len(calls) == 2 and math.isnan(values["fid"])
+
+
 def test_cli_bad_input_in_a_subprocess(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = subprocess.run([sys.executable, "-m", "ectune", "eval", str(tmp_path / "empty"), "--data", "digits"],
