@@ -137,6 +137,13 @@ def test_identical_sets_give_zero_and_a_shifted_set_more(tmp_path):
     assert b["fid"] > 1.0 and b["kid"] > 10 * abs(a["kid"]) and b["precision"] < 0.5
     assert r_same["out"] is None and not list(tmp_path.glob("*.json"))  # images are not a run: nothing written
     assert [r_same[k] for k in ("seed", "class_label", "renoise", "S_churn")] == [None] * 4  # nothing was sampled
+    # --num-images k scores the first k images (all of them were scored, silently, under a mutation)
+    first = E.evaluate(_cfg(tmp_path, shifted, data=str(data), num_images=50, ref_num_images=120), encoder=enc,
+                       progress=False)
+    only = _npz(tmp_path / "first50.npz", x=np.clip(real[:50].astype(int) + 60, 0, 255).astype(np.uint8))
+    alone = E.evaluate(_cfg(tmp_path, only, data=str(data), ref_num_images=120), encoder=enc, progress=False)
+    assert first["num_images"] == 50 and first["results"][0]["fid"] == pytest.approx(alone["results"][0]["fid"])
+    assert first["results"][0]["fid"] != pytest.approx(b["fid"])
 
 
 def test_reference_cache_is_used_on_the_second_call_and_dropped_when_the_data_change(tmp_path):
