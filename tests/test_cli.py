@@ -196,6 +196,20 @@ def test_teacher_that_is_a_consistency_model(tmp_path):
                 cwd=tmp_path)
     assert r.returncode == 2 and "is a consistency model (method ect): tune a diffusion model" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    # a run an older ectune started from such a teacher still resumes (the refusal is for new runs)
+    import shutil
+
+    from ectune.checkpoint import builtin_model
+    from ectune.training import train
+
+    shutil.copytree(builtin_model("mnist"), tmp_path / "teacher")
+    cfg = C.apply_overrides(C.preset("mnist", "ect"), {
+        "teacher": str(tmp_path / "teacher"), "total_nimg": 64, "ect.stage_nimg": 32, "checkpoint_every_nimg": 32,
+        "report_num_images": 0, "preview.num_images": 4, "run_dir": str(tmp_path / "old")})
+    train(cfg, progress=False, stop_after_nimg=32)
+    described = json.loads((tmp_path / "teacher" / "config.json").read_text())
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps({**described, "method": "ect"}))
+    assert train(C.TrainConfig(), resume=str(tmp_path / "old"), progress=False).nimg == 64
 
 
 def test_missing_data_package_message(monkeypatch):

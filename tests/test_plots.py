@@ -121,6 +121,16 @@ def test_steps_plot_keeps_every_result(runs):
     (student / "eval" / "sweep2.json").unlink()
     (student / "eval" / "b.json").unlink()  # one 2-step single result left: it joins the 1-step one
     assert step_series({"ect": read_results(student)}, "fid")["ect: consistency, N=1000"] == {1: 21.0, 2: 12.0}
+    # results that eval now files apart (another reference size, seed or re-noising) are lines apart too
+    for name, change, fid in [("ref.json", {"data": {"id": "mnist-train", "num_images": 60000}}, 7.0),
+                              ("seed.json", {"seed": 5}, 22.0), ("ict.json", {"renoise": "ict"}, 23.0)]:
+        res = _results(str(student), "single", [_row("consistency", 1, 1, fid)])
+        (student / "eval" / name).write_text(json.dumps({**res, **change}))
+    lines = step_series({"ect": read_results(student)}, "fid")
+    assert lines["ect: consistency, N=1000"] == {1: 21.0, 2: 12.0}
+    assert lines["ect: consistency, N=1000, ref=60000"] == {1: 7.0}
+    assert lines["ect: consistency, N=1000, seed=5"] == {1: 22.0}
+    assert lines["ect: consistency, N=1000, renoise=ict"] == {1: 23.0}
 
 
 def test_plot_writes_all_figures_atomically(runs, tmp_path, capsys):

@@ -158,6 +158,21 @@ def test_a_run_saved_with_disagreeing_scalings_still_resumes(tmp_path):
     assert train(C.TrainConfig(), resume=str(first.run_dir), progress=False).nimg == 512
 
 
+def test_resume_auto_keeps_resuming_runs_that_new_run_checks_would_refuse(tmp_path, monkeypatch):
+    """A pretrain run an older ectune started with --teacher (it ignored it) relaunches with its own command
+    under --resume auto: the refusal of --teacher is for new runs (a review found elastic relaunches broken)."""
+    from ectune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["pretrain", *TINY, "--total_nimg", "512", "--run-dir", "run", "--resume", "auto"]
+    assert main([*args, "--teacher", "builtin:mnist"]) == 2  # a new run: refused
+    assert not (tmp_path / "run").exists()
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**saved, "teacher": "builtin:mnist"}))  # as saved before
+    assert main([*args, "--teacher", "builtin:mnist"]) == 0
+
+
 def test_resume_auto_takes_a_run_dir_spelled_another_way(tmp_path):
     """`--run-dir runs/a/` and `runs/a` are one run, and a config.json without an option added since is
     the same config: relaunching with the trailing slash resumes it."""

@@ -258,21 +258,33 @@ def test_process_group_backend_device_and_timeout(monkeypatch):
     T.init_distributed("cpu")
     assert calls[-1]["backend"] == "cpu:gloo"
     monkeypatch.delenv("ECTUNE_DIST_BACKEND")
-    with pytest.raises(ConfigError, match="--device cuda:0 puts every process on one GPU, which NCCL refuses"):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--device cuda:0 puts every process of this node on one GPU, which NCCL"):
         T.init_distributed("cuda:0")
     assert len(calls) == 2
+    # one process per node may name its GPU (the refusal only looks at this node's processes)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    T.init_distributed("cuda:0")
+    assert calls[-2:] == [("set_device", torch.device("cuda:0")), {"backend": "nccl", "timeout": T.PG_TIMEOUT}]
 
 
-def test_a_cuda_device_turns_tf32_off():
+def test_a_cuda_device_turns_tf32_off(monkeypatch):
     """cuDNN convolutions default to TF32 on recent GPUs, so "fp32" sampling there changed pixels by up
-    to 12 levels (a review emulated it) and failed the shipped teacher rows' check."""
-    from ectune.training import exact_fp32
+    to 12 levels (a review emulated it) and failed the shipped teacher rows' check. Resolving a CUDA
+    device turns it off; a CPU device leaves the flags alone."""
+    from ectune.training import resolve_device
 
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    # restored through the legacy flags: after the per-operator ones are set, torch >= 2.9 raises on reading them
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
-        exact_fp32()
+        resolve_device("cpu")
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert resolve_device("cuda", 1) == torch.device("cuda:1")
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-        conv = getattr(torch.backends.cudnn, "conv", None)
         if hasattr(conv, "fp32_precision"):  # torch >= 2.9: the per-operator flag the convolutions read
             assert conv.fp32_precision != "tf32"
     finally:

@@ -294,7 +294,8 @@ def load_model(path: str | os.PathLike, *, dropout: float | None = None, overrid
         if overrides:
             raise CheckpointError(f"{weights} does not fit its network with --network.kwargs "
                                   f"{', '.join(sorted(overrides))} laid over its config.json ({why}): drop those that "
-                                  f"change the architecture (ones that keep the weights, such as EDM2's dropout_res, are fine)"
+                                  f"change the architecture (ones that keep the weights, such as EDM2's dropout_res, "
+                                  f"are fine)"
                                   ) from None
         raise CheckpointError(f"{weights} does not match the network in config.json ({why})") from None
     denoiser = Denoiser(net, sigma_data=info.sigma_data, scalings=info.scalings, sigma_min=info.sigma_min)

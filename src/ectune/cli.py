@@ -155,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_train_config(args: argparse.Namespace, overrides: dict[str, Any]) -> C.TrainConfig:
+def resolve_train_config(args: argparse.Namespace, overrides: dict[str, Any], *,
+                         new_run: bool | None = True) -> C.TrainConfig:
+    """The preset, --config and flags as one validated config. ``new_run`` None: a new run unless
+    --run-dir holds a training state (--resume auto), so that checks for new runs only spare old runs."""
     cfg = C.preset(args.preset, args.method)
     if args.config:
         path = Path(args.config)
@@ -179,11 +182,15 @@ def resolve_train_config(args: argparse.Namespace, overrides: dict[str, Any]) ->
             raise UserError(f"{path} describes a model folder, not a training run: pass a run's config.json")
         data.pop("method", None)
         cfg = C.from_dict(C.TrainConfig, data, base=cfg)
-    if args.method == "ect" and "network.name" in overrides:  # the architecture is the teacher's
+    cfg = C.apply_overrides(cfg, overrides)
+    if new_run is None:
+        from ectune.checkpoint import list_states
+
+        new_run = not (cfg.run_dir and list_states(cfg.run_dir))
+    if new_run and args.method == "ect" and "network.name" in overrides:  # the architecture is the teacher's
         raise UserError("tune takes the network from the teacher: drop --network.name (--network.kwargs may set "
                         "options that keep its weights)")
-    cfg = C.apply_overrides(cfg, overrides)
-    C.validate(cfg)
+    C.validate(cfg, new_run=new_run)
     return cfg
 
 
@@ -191,7 +198,7 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from ectune.training import resolve_device, resume_or_start, train
 
     if args.resume == "auto":
-        cfg = resolve_train_config(args, overrides)
+        cfg = resolve_train_config(args, overrides, new_run=None)
         if args.dry_run:
             print(C.to_json(cfg))
             return 0
@@ -222,7 +229,7 @@ def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
             print(f"report: sampling the teacher and the tuned model on {run_cfg.report_num_images} seeds ...")
             report = write_tune_report(result.run_dir, run_cfg, train_wall_s=result.wall_s, nimg=result.nimg,
-                                       device=resolve_device(run_cfg.device))  # where it trained (rank 0's)
+                                       device=resolve_device(run_cfg.device, int(os.environ.get("LOCAL_RANK", "0"))))
             print(report.read_text(encoding="utf-8"))
             print(f"report: {report}\ngrids: {Path(result.run_dir) / 'grid-side-by-side.png'} (and grid-*.png)\n"
                   f"results: {Path(result.run_dir) / 'results.json'}")

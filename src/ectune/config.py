@@ -604,7 +604,7 @@ def validate(cfg: TrainConfig, *, new_run: bool = True) -> None:
                               + (f"{point} (2-D points)" if points else f"{image} (images)"))
     if new_run and cfg.method != "ect" and cfg.teacher:  # trained from random weights, yet recorded
         raise ConfigError(f"{cfg.method} training starts from random weights and ignores a teacher: drop --teacher "
-                          f"(ECT tuning from a teacher is `ectune tune`)")
+                          f"(or the config file's teacher; ECT tuning from a teacher is `ectune tune`)")
     if cfg.method == "ect":
         if not cfg.teacher:
             raise ConfigError("ECT tuning needs a teacher: pass --teacher MODEL_DIR (a folder written by `ectune pretrain`)")

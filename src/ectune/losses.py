@@ -121,7 +121,7 @@ class ECTLoss:
     P_std: float = opt(2.0, "std of ln(t) (CIFAR-10 2.0, ImageNet 64 1.6)")
     sigma_data: float = opt(0.5, "data standard deviation")
     q: float = opt(2.0, "mapping base q > 1: r/t -> 1 - q^-(stage+1) (CIFAR-10 2, ImageNet 64 4, 1-hour recipe "
-                        "256: at most 3 stages)")
+                        "256: at most 2 stages)")
     k: float = opt(8.0, "mapping sigmoid scale k")
     b: float = opt(1.0, "mapping sigmoid slope b")
     mapping: str = opt("sigmoid", "r(t) mapping: sigmoid or const")

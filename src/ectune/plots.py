@@ -152,7 +152,21 @@ def plot_training(stats: dict[str, list[dict[str, Any]]], path: Path) -> bool:
 def _series_key(res: dict[str, Any], row: dict[str, Any]) -> tuple:
     enc = (res.get("encoder") or {}).get("name", "points")
     data = res.get("data") or {}
-    return (res.get("source"), row.get("method"), res.get("num_images"), enc, data.get("id"))
+    return (res.get("source"), row.get("method"), res.get("num_images"), enc, data.get("id"), _variant(res))
+
+
+def _variant(res: dict[str, Any]) -> str:
+    """What else sets a result apart (as in its file name): a reference size other than N, and sampling
+    options away from their defaults; "" for none."""
+    parts = []
+    ref = (res.get("data") or {}).get("num_images")
+    if ref not in (None, res.get("num_images")):
+        parts.append(f"ref={ref}")
+    for key, default, short in (("seed", 0, "seed"), ("renoise", "ect", "renoise"), ("S_churn", 0, "churn"),
+                                ("class_label", None, "class")):
+        if res.get(key) not in (None, default):
+            parts.append(f"{short}={res[key]}")
+    return ", ".join(parts)
 
 
 def _step_metric(results: Sequence[dict[str, Any]]) -> str | None:
@@ -188,7 +202,8 @@ def step_series(results: dict[str, list[dict[str, Any]]], metric: str) -> dict[s
                     and isinstance(r.get("nfe"), int) and math.isfinite(r[metric])]
             for row in rows:
                 key = (label, *_series_key(res, row))
-                labels[key] = f"{label}: {row['method']}, N={res['num_images']}"
+                variant = f", {key[-1]}" if key[-1] else ""
+                labels[key] = f"{label}: {row['method']}, N={res['num_images']}{variant}"
                 levels = tuple(row.get("sigmas") or ())
                 if res["mode"] == "steps_sweep":
                     sweep = tuple((r["nfe"], tuple(r.get("sigmas") or ())) for r in rows)

@@ -3,9 +3,9 @@
 Progress is counted in images (``nimg``). Every random number of a step comes from a generator
 seeded with (seed, nimg, micro-batch index), and the data order is a pure function of (seed, nimg),
 so a resumed run replays exactly the stream an uninterrupted one would have seen, and the result
-does not depend on how micro-batches are spread over processes (world size x accumulation). Bit for
-bit on a CPU; on a GPU, cuDNN's nondeterministic kernels (and its choice of kernel by batch size)
-leave last-bit differences (docs/RELIABILITY.md).
+does not depend on how micro-batches are spread over processes (world size x accumulation), to
+round-off. Resumes are bit for bit on a CPU; on a GPU, nondeterministic cuDNN kernels can leave
+last-bit differences (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def init_distributed(device: str) -> Dist:
     if owned:
         on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         backend = os.environ.get("ECTUNE_DIST_BACKEND") or ("nccl" if on_cuda else "gloo")
-        if backend == "nccl" and device.startswith("cuda:"):
-            raise ConfigError(f"--device {device} puts every process on one GPU, which NCCL refuses: use --device "
-                              f"cuda (each process takes the GPU of its LOCAL_RANK)")
+        if backend == "nccl" and device.startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"--device {device} puts every process of this node on one GPU, which NCCL refuses: "
+                              f"use --device cuda (each process takes the GPU of its LOCAL_RANK)")
         if on_cuda:  # collectives without a device (barrier) run on the current one: make it this rank's
             torch.cuda.set_device(resolve_device(device, local_rank))
         store = _attempt_store(world)
@@ -153,7 +153,8 @@ def build_loss(cfg: TrainConfig):
     return dataclasses.replace(ict, total_nimg=ict.total_nimg or cfg.total_nimg, batch=ict.batch or cfg.batch)
 
 
-def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, ModelInfo, Denoiser | None]:
+def network_info(cfg: TrainConfig, data: ArrayDataset, *,
+                 new_run: bool = True) -> tuple[nn.Module, ModelInfo, Denoiser | None]:
     """The network to train and the description its exported model folder will carry.
 
     For ECT the architecture and weights come from the teacher; otherwise from ``cfg.network``.
@@ -163,7 +164,7 @@ def network_info(cfg: TrainConfig, data: ArrayDataset) -> tuple[nn.Module, Model
     if cfg.method == "ect":
         # the teacher's architecture, with --network.kwargs on top for options that keep its weights (dropout_res)
         described = read_model_info(cfg.teacher)
-        if described.method != "edm":
+        if new_run and described.method != "edm":  # a run an older ectune started from one still resumes
             raise UserError(f"the teacher {cfg.teacher} is a consistency model (method {described.method}): tune a "
                             f"diffusion model (from `ectune pretrain` or `ectune convert`); to train this one further, "
                             f"resume its run")
@@ -193,8 +194,8 @@ def teacher_overrides(cfg: TrainConfig, teacher_network: str) -> dict:
     """The ``--network.kwargs`` to lay over a teacher's options when tuning it.
 
     A preset's own network options are written for the preset's architecture (imagenet64-s sets EDM2's
-    ``dropout_res``). A teacher of another architecture does not get those the user left at the preset's
-    value; options the user set are always passed on, so a wrong one still fails by name.
+    ``dropout_res``). A teacher of another architecture does not get those whose value is the preset's
+    (left at it or set to it); other values are passed on, so a wrong one still fails by name.
     """
     kwargs = dict(cfg.network.kwargs)
     if teacher_network == cfg.network.name or cfg.preset not in config_mod.PRESETS:
@@ -377,7 +378,7 @@ def _train(cfg: TrainConfig, ddp: Dist, *, resume: str | None, progress: bool,
     if device.type == "cuda" and data.data.nbytes <= DATA_ON_DEVICE_BYTES:
         data = data.to(device)  # a batch is an index op on the GPU: only the indices cross the bus
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
-    net, info, _ = network_info(cfg, data)
+    net, info, _ = network_info(cfg, data, new_run=not resume)
     fmt = torch.channels_last if cfg.channels_last and len(data.shape) == 3 else torch.preserve_format
     net.to(device, memory_format=fmt).train()
     for pname, p in net.named_parameters():
