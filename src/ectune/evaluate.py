@@ -46,6 +46,7 @@ from ectune.checkpoint import BUILTIN_PREFIX, ModelInfo, load_model, resolve_mod
 from ectune.config import EvalConfig, SampleConfig, TrainConfig
 from ectune.data import TOY_DATASETS, ArrayDataset, load_dataset, sample_toy
 from ectune.errors import ConfigError, DataError, UserError
+from ectune.metric_names import result_variant
 from ectune.metrics import (IMAGE_METRICS, POINT_METRICS, Encoder, compute_metrics, get_encoder, mmd_rbf,
                             reference_stats, sliced_wasserstein)
 from ectune.precond import Denoiser
@@ -377,22 +378,19 @@ def results_name(results: dict[str, Any]) -> str:
         what = f"{r['method']}-{r['steps']}steps"
         if r["method"] == "consistency" and r["steps"] > 1:
             what += "-" + "_".join(f"{s:g}" for s in r["sigmas"])
-    # sampling options away from their defaults, so that results differing only in them do not overwrite
-    if results.get("renoise") not in (None, "ect"):
-        what += f"-renoise_{results['renoise']}"
-    if results.get("S_churn"):
-        what += f"-churn{results['S_churn']:g}"
-    if results.get("class_label") is not None:
-        what += f"-class{results['class_label']}"
-    if results.get("seed"):
-        what += f"-seed{results['seed']}"
-    # the metrics and the reference size, where not the defaults (all that apply; as many as samples)
+    # options away from their defaults (and metrics other than all), so that results differing only in
+    # them do not overwrite each other
+    for short, value in result_variant(results):
+        if short == "renoise":
+            what += f"-renoise_{value}"
+        elif short == "churn":
+            what += f"-churn{value:g}"
+        else:
+            what += f"-{short}{value}"
     enc_name = results["encoder"]["name"] if results["encoder"] else None
     every = [metric_key(m, enc_name) for m in (IMAGE_METRICS if enc_name else POINT_METRICS)]
     if results.get("metrics") and list(results["metrics"]) != every:
         what += "-" + "_".join(results["metrics"])
-    if results["data"].get("num_images") not in (None, results["num_images"]):
-        what += f"-ref{results['data']['num_images']}"
     enc = enc_name or "points"
     return f"{what}-{results['data']['id']}-{enc}-n{results['num_images']}.json"
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from ectune.checkpoint import atomic_write, read_stats_rows, run_relative_path
 from ectune.errors import UserError
+from ectune.metric_names import result_variant
 
 METRIC_KEYS = ("fid", "fd_dinov2", "kid", "precision", "recall", "sw", "mmd")
 STEP_METRICS = ("fid", "fd_dinov2", "sw", "mmd", "kid")
@@ -152,21 +153,8 @@ def plot_training(stats: dict[str, list[dict[str, Any]]], path: Path) -> bool:
 def _series_key(res: dict[str, Any], row: dict[str, Any]) -> tuple:
     enc = (res.get("encoder") or {}).get("name", "points")
     data = res.get("data") or {}
-    return (res.get("source"), row.get("method"), res.get("num_images"), enc, data.get("id"), _variant(res))
-
-
-def _variant(res: dict[str, Any]) -> str:
-    """What else sets a result apart (as in its file name): a reference size other than N, and sampling
-    options away from their defaults; "" for none."""
-    parts = []
-    ref = (res.get("data") or {}).get("num_images")
-    if ref not in (None, res.get("num_images")):
-        parts.append(f"ref={ref}")
-    for key, default, short in (("seed", 0, "seed"), ("renoise", "ect", "renoise"), ("S_churn", 0, "churn"),
-                                ("class_label", None, "class")):
-        if res.get(key) not in (None, default):
-            parts.append(f"{short}={res[key]}")
-    return ", ".join(parts)
+    variant = ", ".join(f"{short}={value}" for short, value in result_variant(res))  # as in its file name
+    return (res.get("source"), row.get("method"), res.get("num_images"), enc, data.get("id"), variant)
 
 
 def _step_metric(results: Sequence[dict[str, Any]]) -> str | None:
