@@ -36,6 +36,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from ectune.plots import read_stats
+
 BATCH = 128
 RECIPES: dict[str, tuple[int, list[str]]] = {
     # name: (stages, flags on top of the mnist preset); the ECT loss is the preset's (the paper's)
@@ -76,7 +78,7 @@ def train_side_by_side(args: argparse.Namespace, names: list[str], nimg: int, ro
         if proc.returncode != 0:
             tail = (root / f"{name}.out").read_text(encoding="utf-8").strip().splitlines()[-5:]
             fail(f"the {name} run exited with {proc.returncode}: " + " | ".join(tail))
-        rows = [json.loads(line) for line in (root / name / "stats.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_stats(root / name)
         first, last = rows[0], rows[-1]  # the first row's time holds the start-up (and CUDA's warm-up): skip it
         rates[name] = ((last["nimg"] - first["nimg"]) / (last["wall_s"] - first["wall_s"]) if len(rows) > 1
                        else last["nimg"] / last["wall_s"])
