@@ -177,6 +177,10 @@ def test_model_single_sweep_and_out_file(tmp_path, image_model):
     for row in res["results"]:
         assert {"fid", "kid", "kid_std", "precision", "recall", "sample_img_per_s", "encode_img_per_s"} <= set(row)
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(res["results"]))
+    table = E.format_table(res).splitlines()  # a header, the column names, one line per setting, the --out file
+    assert len(table) == 6 and table[5] == f"results: {out}" and table[1].split()[:4] == ["method", "steps", "NFE", "sigmas"]
+    for line, row in zip(table[2:], res["results"]):
+        assert f"{row['kid']:.3e}±{row['kid_std']:.1e}" in line.split() and f"{row['fid']:.4g}" in line.split()
     kept = out.read_bytes()  # an existing --out is refused before any work (it was silently overwritten)
     with pytest.raises(UserError, match="res.json already exists: choose another --out"):
         E.evaluate(_cfg(tmp_path, image_model, num_images=4, out=str(out)), encoder=enc, progress=False)
@@ -336,6 +340,9 @@ def _bad_inputs(tmp: Path, model: Path) -> dict[str, tuple[list[str], str]]:
         "2-D metric for images": ([str(real), "--data", str(real), "--metrics", "sw"], "does not apply to images"),
         "corrupt model": ([str(model.parent / "broken-model")], "damaged"),
         "bad mid grid": ([str(model), "--search-mid", "--mid-grid", "0.4,90"], "mid-grid"),
+        "a mid grid level of zero": ([str(model), "--search-mid", "--mid-grid", "0,0.4"], "mid-grid"),
+        "a mid grid level at sigma_max": ([str(model), "--search-mid", "--mid-grid", "0.4,80"], "mid-grid"),
+        "a reference of one item": ([str(real), "--data", str(real), "--ref_num_images", "1"], "at least 2 items"),
         "search metric not computed": ([str(model), "--search-mid", "--search-metric", "recall", "--metrics", "fid"],
                                        "not among"),
         "levels that do not decrease": ([str(model), "--steps", "3", "--sigmas", "0.5,2"], "must decrease"),
