@@ -178,7 +178,8 @@ def test_model_single_sweep_and_out_file(tmp_path, image_model):
         assert {"fid", "kid", "kid_std", "precision", "recall", "sample_img_per_s", "encode_img_per_s"} <= set(row)
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(res["results"]))
     table = E.format_table(res).splitlines()  # a header, the column names, one line per setting, the --out file
-    assert len(table) == 6 and table[5] == f"results: {out}" and table[1].split()[:4] == ["method", "steps", "NFE", "sigmas"]
+    assert len(table) == 6 and table[5] == f"results: {out}"
+    assert table[1].split()[:4] == ["method", "steps", "NFE", "sigmas"]
     for line, row in zip(table[2:], res["results"]):
         assert f"{row['kid']:.3e}±{row['kid_std']:.1e}" in line.split() and f"{row['fid']:.4g}" in line.split()
     kept = out.read_bytes()  # an existing --out is refused before any work (it was silently overwritten)
